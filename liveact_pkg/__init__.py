@@ -1,0 +1,1 @@
+"""liveact-engine: real-time LiveAct inference (kernels, model, runtime, bench, tools)."""

@@ -1,0 +1,1 @@
+"""liveact.tools"""
