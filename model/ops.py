@@ -138,6 +138,15 @@ class ReferenceOps:
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return o.transpose(1, 2)
 
+    def attention_lse(self, q, k, v):
+        """Like `attention`, also returning the natural-log log-sum-exp of the scaled scores,
+        lse [B, H, Sq] fp32 (ring attention merges partial results with it)."""
+        d = q.shape[-1]
+        s = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) / d ** 0.5
+        lse = torch.logsumexp(s, dim=-1)
+        o = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, dim=-1), v.float())
+        return o.to(q.dtype), lse
+
     def cross_attention(self, q, kv_pairs) -> torch.Tensor:
         """Sum of separate softmax attentions of q over each (k, v) pair (image + text context)."""
         out = None
