@@ -1,0 +1,393 @@
+"""Non-causal attention for head_dim 128 on [B, S, H, D] tensors: INT8 Q.K^T + FP8 P.V, or bf16.
+
+Math (one (batch, head), queries i, keys j, sm = 1/sqrt(D), log2e = 1.4427):
+    s_ij = sm * q_i . k_j ;  o_i = sum_j softmax_j(s_ij) v_j ;  lse_i = log sum_j exp(s_ij)
+
+Quantized variant (SageAttention-2 recipe, shared/KERNELS.md 2.3-2.4):
+  - K smoothing: k'_j = k_j - km with km the per-(batch, head, channel) mean over keys.  Exact for
+    the softmax (q_i . km is a per-row constant); the LSE is corrected by + sm * q_i . km.
+  - Q, K' -> INT8 with one fp32 scale per (token, head) (amax / 127); sm * log2e is folded into the
+    Q scale, so scores come out in log2 units: s2_ij = qs_i * ks_j * (qi8_i . ki8_j)  (int32 dot).
+  - Online softmax in fp32 with exp2.  P is shifted by log2(448) so it lands in [0, 448] and is
+    cast to e4m3; V -> e4m3 with one scale per (batch, head, channel) (amax over keys / 448), stored
+    transposed [B, H, D, Sk_pad] so the P.V dot gets a K-major B operand.  Two-level accumulation:
+    every block's P.V is a fresh fp32 dot added to the fp32 accumulator (acc += tl.dot(p, v)).
+  - out = acc * vscale / l, bf16.  lse (natural log) = ln2 * (m + log2 l - log2 448 + qs_i * qi8_i . km).
+bf16 variant: same loop with bf16 operands, fp32 accumulation, no smoothing, no scales.
+
+Masks stay out of the inner loop: the Sk // BN full key blocks run unmasked; one masked tail block
+handles Sk % BN keys (padded keys get score -inf, so they never enter the normalizer -- the
+sageattention 1.0.6 bug, shared/KERNELS.md 7.5).
+
+Cost per call: FLOPs = 4 * B * H * Sq * Sk * D (two GEMMs).  Bytes (quantized): Q 1 B/elem, K 1 B/elem
+re-read once per BM query rows, V 1 B/elem likewise, out 2 B/elem: compute bound at the self-attention
+shape (9360 x 16380 x 40 heads: 126 TFLOP).
+
+Autotune configs (CUDA, long key sequences; KERNELS.md 0 sweep):
+    BM=64  BN=128 warps=4 stages=3   (measured best for int8/e4m3, the default)
+    BM=64  BN=128 warps=4 stages=4
+    BM=128 BN=128 warps=8 stages=3
+    BM=64  BN=64  warps=4 stages=4
+Short key sequences (cross / audio attention, Sk <= 1024) use BM=64, BN = min(128, next_pow2(Sk)),
+4 warps, 3 stages.  Under TRITON_INTERPRET (CPU) the fp8 casts are pre-rounded to the e4m3 grid in
+fp32 (the interpreter's own cast is wrong near powers of two, KERNELS.md 5.4), and bf16 dot operands
+are widened to fp32 (the interpreter's bf16 tl.dot multiplies raw bit patterns: found here).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+LOG2_448 = math.log2(448.0)
+FP8_MAX = 448.0
+HEAD_DIM = 128
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+ATTN_CONFIGS = [
+    triton.Config({"BM": 64, "BN": 128}, num_warps=4, num_stages=3),
+    triton.Config({"BM": 64, "BN": 128}, num_warps=4, num_stages=4),
+    triton.Config({"BM": 128, "BN": 128}, num_warps=8, num_stages=3),
+    triton.Config({"BM": 64, "BN": 64}, num_warps=4, num_stages=4),
+]
+
+
+# ----------------------------------------------------------------------------------- helpers
+@triton.jit
+def e4m3_round(x):
+    """Round fp32 x (already clamped to +-448) to the nearest e4m3 value (RTNE), in fp32.
+    Used only under the interpreter, whose own fp32->fp8 cast mis-rounds (KERNELS.md 5.4)."""
+    bits = x.to(tl.int32, bitcast=True)
+    r = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576        # keep 3 mantissa bits
+    normal = r.to(tl.float32, bitcast=True)
+    ax = tl.abs(x)
+    sub = (ax + 16384.0) - 16384.0                                # fp32 ulp there is 2^-9
+    sub = tl.where(x < 0, -sub, sub)
+    return tl.where(ax < 0.015625, sub, normal)
+
+
+@triton.jit
+def to_e4m3(x, EMU: tl.constexpr):
+    """fp32 -> float8e4nv with saturation to +-448."""
+    x = tl.minimum(tl.maximum(x, -448.0), 448.0)
+    if EMU:
+        x = e4m3_round(x)
+    return x.to(tl.float8e4nv)
+
+
+@triton.jit
+def round_half_away(x):
+    return tl.where(x >= 0, x + 0.5, x - 0.5)
+
+
+# ----------------------------------------------------------------------------------- attention
+@triton.jit
+def _attn_block(acc, m_i, l_i, q, qs, k_base, sk_s, ks_base, v_base, sv_s, sv_d, start, Sk,
+                offs_n, offs_d, QUANT: tl.constexpr, MASKED: tl.constexpr, EMU: tl.constexpr):
+    offs = start + offs_n
+    valid = offs < Sk
+    if MASKED:
+        k = tl.load(k_base + offs[:, None] * sk_s + offs_d[None, :], mask=valid[:, None], other=0)
+    else:
+        k = tl.load(k_base + offs[:, None] * sk_s + offs_d[None, :])
+    if QUANT:
+        if MASKED:
+            ks = tl.load(ks_base + offs, mask=valid, other=0.0)
+        else:
+            ks = tl.load(ks_base + offs)
+        s = tl.dot(q, tl.trans(k)).to(tl.float32) * ks[None, :]      # int32 -> fp32, key scale
+    elif EMU:   # the interpreter's bf16 tl.dot multiplies raw bits: widen first (exact)
+        s = tl.dot(q.to(tl.float32), tl.trans(k).to(tl.float32))
+    else:
+        s = tl.dot(q, tl.trans(k))
+    if MASKED:
+        s = tl.where(valid[None, :], s, float("-inf"))
+    # scores in log2 units are s * qs (qs > 0 per row), so max(s * qs) = qs * max(s)
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qs)
+    alpha = tl.math.exp2(m_i - m_new)
+    if QUANT:
+        p = tl.math.exp2(s * qs[:, None] - (m_new - 8.807354922057604)[:, None])   # P in [0, 448]
+    else:
+        p = tl.math.exp2(s * qs - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if QUANT:
+        if MASKED:
+            vt = tl.load(v_base + offs_d[:, None] * sv_d + offs[None, :] * sv_s, mask=valid[None, :], other=0.0)
+        else:
+            vt = tl.load(v_base + offs_d[:, None] * sv_d + offs[None, :] * sv_s)
+        acc += tl.dot(to_e4m3(p, EMU), tl.trans(vt))                 # fresh fp32 dot, then add
+    else:
+        if MASKED:
+            v = tl.load(v_base + offs[:, None] * sv_s + offs_d[None, :] * sv_d, mask=valid[:, None], other=0.0)
+        else:
+            v = tl.load(v_base + offs[:, None] * sv_s + offs_d[None, :] * sv_d)
+        if EMU:
+            acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc)
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, QS, KS, VS, KM, O, LSE,
+              sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_h, sv_s, sv_d, so_b, so_s, so_h,
+              H, Sq, Sk, qk_scale,
+              QUANT: tl.constexpr, HAS_LSE: tl.constexpr, HAS_KM: tl.constexpr, ACCUM: tl.constexpr,
+              EMU: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = tl.arange(0, BN)
+    offs_d = tl.arange(0, D)
+    m_mask = offs_m < Sq
+    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_s + offs_d[None, :], mask=m_mask[:, None], other=0)
+    if QUANT:
+        qs = tl.load(QS + pid_bh * Sq + offs_m, mask=m_mask, other=1.0)
+    else:
+        qs = qk_scale
+    k_base = K + b * sk_b + h * sk_h
+    v_base = V + b * sv_b + h * sv_h
+    ks_base = KS + pid_bh * Sk
+
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, D], tl.float32)
+    n_full = Sk // BN
+    for j in range(0, n_full):
+        acc, m_i, l_i = _attn_block(acc, m_i, l_i, q, qs, k_base, sk_s, ks_base, v_base, sv_s, sv_d,
+                                    j * BN, Sk, offs_n, offs_d, QUANT, False, EMU)
+    if n_full * BN < Sk:
+        acc, m_i, l_i = _attn_block(acc, m_i, l_i, q, qs, k_base, sk_s, ks_base, v_base, sv_s, sv_d,
+                                    n_full * BN, Sk, offs_n, offs_d, QUANT, True, EMU)
+
+    if QUANT:
+        acc = acc * tl.load(VS + pid_bh * D + offs_d)[None, :]
+    o = acc / l_i[:, None]
+    o_ptrs = O + b * so_b + h * so_h + offs_m[:, None] * so_s + offs_d[None, :]
+    if ACCUM:   # out = previous + this, rounded like the bf16 sum of two attention outputs
+        prev = tl.load(o_ptrs, mask=m_mask[:, None], other=0.0)
+        o = o.to(O.dtype.element_ty).to(tl.float32) + prev.to(tl.float32)
+    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=m_mask[:, None])
+    if HAS_LSE:
+        lse2 = m_i + tl.math.log2(l_i)
+        if QUANT:
+            lse2 = lse2 - 8.807354922057604
+            if HAS_KM:   # undo the K smoothing: + (sm*log2e) q.km, from the dequantized q
+                km = tl.load(KM + pid_bh * D + offs_d)
+                lse2 += tl.sum(q.to(tl.float32) * km[None, :], 1) * qs
+        tl.store(LSE + pid_bh * Sq + offs_m, lse2 * 0.6931471805599453, mask=m_mask)
+
+
+_attn_tuned = triton.autotune(configs=ATTN_CONFIGS, key=["Sk", "H", "QUANT", "HAS_LSE", "ACCUM"],
+                              restore_value=["O"])(_attn_fwd)
+
+
+# ----------------------------------------------------------------------------------- quantizers
+@triton.jit
+def _quant_int8_kernel(X, KM, OUT, OS, S, H, sx_b, sx_s, sx_h, so_b, so_s, so_h, factor,
+                       HAS_KM: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):
+    """x [B, S, H, D] -> int8 [B, S, H, D] + fp32 scale [B, H, S]: per (token, head),
+    x' = x - km (optional), scale = max(amax|x'|, 1e-12) / 127, stored scale = scale * factor."""
+    pid_t, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_t = pid_t * BT + tl.arange(0, BT)
+    offs_d = tl.arange(0, D)
+    mask = offs_t < S
+    x = tl.load(X + b * sx_b + h * sx_h + offs_t[:, None] * sx_s + offs_d[None, :], mask=mask[:, None], other=0.0)
+    x = x.to(tl.float32)
+    if HAS_KM:
+        x = x - tl.load(KM + (b * H + h) * D + offs_d)[None, :]
+    scale = tl.maximum(tl.max(tl.abs(x), 1), 1e-12) / 127.0
+    xi = tl.minimum(tl.maximum(round_half_away(x / scale[:, None]), -127.0), 127.0).to(tl.int8)
+    tl.store(OUT + b * so_b + h * so_h + offs_t[:, None] * so_s + offs_d[None, :], xi, mask=mask[:, None])
+    tl.store(OS + (b * H + h) * S + offs_t, scale * factor, mask=mask)
+
+
+@triton.jit
+def _quant_v_kernel(X, XS, VT, VS, PART, S, H, row0, n_blk0, sx_b, sx_s, sx_h, sxs_b, svt_b, svt_h, svt_d,
+                    HAS_XS: tl.constexpr, PHASE: tl.constexpr, EMU: tl.constexpr,
+                    D: tl.constexpr, BT: tl.constexpr):
+    """V rows from one source (bf16, or e4m3 + per-(token, head) scale XS [B, S, H, 1]) placed at
+    rows row0.. of the key sequence.  PHASE 0: partial per-channel amax of this token block ->
+    PART[n_blk0 + pid, b, h, :].  PHASE 1: e4m3(v / VS[b, h, :]) stored transposed into VT[b, h, :, row]."""
+    pid_t, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_t = pid_t * BT + tl.arange(0, BT)
+    offs_d = tl.arange(0, D)
+    mask = offs_t < S
+    x = tl.load(X + b * sx_b + h * sx_h + offs_t[:, None] * sx_s + offs_d[None, :], mask=mask[:, None], other=0.0)
+    if HAS_XS:   # fp8 cache rows: x = bf16(q) * bf16(s)  (shared/SPEC.md 4.6)
+        xs = tl.load(XS + b * sxs_b + offs_t * H + h, mask=mask, other=0.0)  # scale rows [B, S, H, 1]
+        x = (x.to(tl.bfloat16).to(tl.float32) * xs.to(tl.bfloat16).to(tl.float32)).to(tl.bfloat16)
+    x = x.to(tl.float32)
+    if PHASE == 0:
+        nb = tl.num_programs(2)
+        tl.store(PART + ((n_blk0 + pid_t) * nb + b) * (H * D) + h * D + offs_d, tl.max(tl.abs(x), 0))
+    else:
+        vs = tl.load(VS + (b * H + h) * D + offs_d)
+        y = to_e4m3(x / vs[None, :], EMU)
+        rows = row0 + offs_t
+        tl.store(VT + b * svt_b + h * svt_h + offs_d[:, None] * svt_d + rows[None, :], tl.trans(y), mask=mask[None, :])
+
+
+# ----------------------------------------------------------------------------------- host API
+def _check_qkv(q, k, v):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"attention expects [B, S, H, D] tensors, got q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
+    if q.shape[-1] != HEAD_DIM or k.shape[-1] != HEAD_DIM or v.shape[-1] != HEAD_DIM:
+        raise ValueError(f"attention kernels support head_dim {HEAD_DIM} only, got {q.shape[-1]}; "
+                         "use ReferenceOps.attention for other sizes")
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
+                         "(need k == v shape and the same batch and heads as q)")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in head_dim (stride(-1) == 1); call .contiguous()")
+
+
+def _pad16(n: int) -> int:
+    return (n + 15) // 16 * 16
+
+
+def quantize_int8(x: torch.Tensor, km: torch.Tensor | None = None, factor: float = 1.0):
+    """x [B, S, H, D] -> (int8 [B, S, H, D], fp32 scale [B, H, S]) per (token, head), after
+    subtracting km [B, H, D] (fp32) if given; the stored scale is multiplied by `factor`."""
+    b, s, h, d = x.shape
+    out = torch.empty((b, s, h, d), dtype=torch.int8, device=x.device)
+    sc = torch.empty((b, h, s), dtype=torch.float32, device=x.device)
+    bt = 32
+    kmc = km.float().contiguous() if km is not None else sc
+    _quant_int8_kernel[(triton.cdiv(s, bt), h, b)](x, kmc, out, sc, s, h, x.stride(0), x.stride(1), x.stride(2),
+                                                   out.stride(0), out.stride(1), out.stride(2), factor,
+                                                   HAS_KM=km is not None, D=d, BT=bt)
+    return out, sc
+
+
+class VSource:
+    """Rows of V for `quantize_v`: x [B, S, H, D] (bf16, or e4m3 with scale [B, S, H, 1], a row
+    slice of a contiguous [B, N, H, 1] scale tensor)."""
+
+    def __init__(self, x: torch.Tensor, scale: torch.Tensor | None = None):
+        if x.stride(-1) != 1 or (scale is not None and (scale.stride(1) != x.shape[2] or scale.stride(2) != 1)):
+            raise ValueError("VSource: x must be contiguous in head_dim and scale a row slice of a contiguous "
+                             "[B, N, H, 1] tensor")
+        self.x, self.scale = x, scale
+
+
+def quantize_v(sources, bt: int = 32):
+    """Concatenate the V sources along the key axis and quantize to e4m3 with per-(batch, head,
+    channel) scales: returns (vT e4m3 [B, H, D, pad16(Sk)], vscale fp32 [B, H, D])."""
+    if isinstance(sources, torch.Tensor):
+        sources = [VSource(sources)]
+    x0 = sources[0].x
+    b, _, h, d = x0.shape
+    sk = sum(s.x.shape[1] for s in sources)
+    dev = x0.device
+    nblks = [triton.cdiv(s.x.shape[1], bt) for s in sources]
+    part = torch.empty((sum(nblks), b, h, d), dtype=torch.float32, device=dev)
+    vt = torch.empty((b, h, d, _pad16(sk)), dtype=torch.float8_e4m3fn, device=dev)
+    for phase in (0, 1):
+        if phase == 1:
+            vs = (part.amax(0) / FP8_MAX).clamp_min(1e-12).contiguous()
+        row0 = blk0 = 0
+        for src, nb in zip(sources, nblks):
+            x, s = src.x, src.x.shape[1]
+            if s:
+                xs = src.scale if src.scale is not None else part
+                _quant_v_kernel[(nb, h, b)](x, xs, vt, vs if phase else part, part, s, h, row0, blk0,
+                                            x.stride(0), x.stride(1), x.stride(2), xs.stride(0),
+                                            vt.stride(0), vt.stride(1), vt.stride(2),
+                                            HAS_XS=src.scale is not None, PHASE=phase, EMU=INTERPRET, D=d, BT=bt)
+            row0 += s
+            blk0 += nb
+    return vt, vs
+
+
+class QuantKV:
+    """Keys and values in the quantized kernel's input format."""
+
+    def __init__(self, k8, k_scale, vt, v_scale, km=None):
+        self.k8, self.k_scale, self.vt, self.v_scale, self.km = k8, k_scale, vt, v_scale, km
+
+    @property
+    def sk(self) -> int:
+        return self.k8.shape[1]
+
+
+def quantize_kv(k: torch.Tensor, v: torch.Tensor, smooth: bool = True) -> QuantKV:
+    """bf16 k, v [B, Sk, H, D] -> QuantKV (K smoothed by its per-channel mean, int8 per token;
+    V e4m3 per channel, transposed)."""
+    km = k.float().mean(dim=1).contiguous() if smooth else None
+    k8, ks = quantize_int8(k, km)
+    vt, vs = quantize_v(v)
+    return QuantKV(k8, ks, vt, vs, km)
+
+
+def quantize_q(q: torch.Tensor):
+    """bf16 q [B, Sq, H, D] -> (int8, scale [B, H, Sq] with sm_scale * log2e folded in)."""
+    return quantize_int8(q, None, factor=LOG2E / math.sqrt(q.shape[-1]))
+
+
+def _launch(q, qs, kq, ks, vv, vs, km, out, lse, sq, sk, h, quant, accum, v_strides, autotune):
+    b = q.shape[0]
+    has_lse = lse is not None
+    args = (q, kq, vv, qs if quant else out, ks if quant else out, vs if quant else out,
+            km if km is not None else out, out, lse if has_lse else out,
+            q.stride(0), q.stride(1), q.stride(2), kq.stride(0), kq.stride(1), kq.stride(2),
+            *v_strides, out.stride(0), out.stride(1), out.stride(2),
+            h, sq, sk, LOG2E / math.sqrt(HEAD_DIM))
+    flags = dict(QUANT=quant, HAS_LSE=has_lse, HAS_KM=km is not None, ACCUM=accum, EMU=INTERPRET, D=HEAD_DIM)
+    if autotune and q.is_cuda and sk > 1024:
+        grid = lambda meta: (triton.cdiv(sq, meta["BM"]), b * h)
+        _attn_tuned[grid](*args, **flags)
+    else:
+        bm = 64 if q.is_cuda else 16
+        bn = min(128, max(16, triton.next_power_of_2(sk))) if q.is_cuda else min(32, max(16, triton.next_power_of_2(sk)))
+        _attn_fwd[(triton.cdiv(sq, bm), b * h)](*args, **flags, BM=bm, BN=bn, num_warps=4, num_stages=3)
+
+
+def attention_quant_prepared(q8, q_scale, kv: QuantKV, out: torch.Tensor | None = None, return_lse: bool = False,
+                             accumulate: bool = False, autotune: bool = True):
+    """Quantized attention on prepared inputs: q8 int8 [B, Sq, H, D] + q_scale [B, H, Sq] (log2 units),
+    kv from quantize_kv (or the self-attention producers).  out [B, Sq, H, D] bf16 is allocated if None;
+    with accumulate=True the result is added to it.  Returns out or (out, lse [B, H, Sq] natural log)."""
+    b, sq, h, d = q8.shape
+    if out is None:
+        out = torch.empty((b, sq, h, d), dtype=torch.bfloat16, device=q8.device)
+    lse = torch.empty((b, h, sq), dtype=torch.float32, device=q8.device) if return_lse else None
+    vt = kv.vt
+    _launch(q8, q_scale, kv.k8, kv.k_scale, vt, kv.v_scale, kv.km if return_lse else None, out, lse, sq, kv.sk, h,
+            True, accumulate, (vt.stride(0), vt.stride(1), 1, vt.stride(2)), autotune)
+    return (out, lse) if return_lse else out
+
+
+def attention_bf16(q, k, v, out: torch.Tensor | None = None, return_lse: bool = False, accumulate: bool = False,
+                   autotune: bool = True):
+    """bf16 attention, q [B, Sq, H, D], k, v [B, Sk, H, D] (same API as `attention`)."""
+    _check_qkv(q, k, v)
+    b, sq, h, d = q.shape
+    if out is None:
+        out = torch.empty((b, sq, h, d), dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, h, sq), dtype=torch.float32, device=q.device) if return_lse else None
+    _launch(q, None, k, None, v, None, None, out, lse, sq, k.shape[1], h, False, accumulate,
+            (v.stride(0), v.stride(2), v.stride(1), 1), autotune)
+    return (out, lse) if return_lse else out
+
+
+def attention(q, k, v, quantized: bool = True, return_lse: bool = False, autotune: bool = True):
+    """softmax(q k^T / sqrt(D)) v for q [B, Sq, H, D], k, v [B, Sk, H, D] (non-causal); bf16 output.
+    quantized=True: INT8 Q.K + FP8 P.V (K smoothed); False: bf16 operands.  return_lse adds the
+    natural-log LSE [B, H, Sq] fp32."""
+    _check_qkv(q, k, v)
+    if not quantized:
+        return attention_bf16(q, k, v, return_lse=return_lse, autotune=autotune)
+    q8, qs = quantize_q(q)
+    return attention_quant_prepared(q8, qs, quantize_kv(k, v), return_lse=return_lse, autotune=autotune)

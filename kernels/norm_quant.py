@@ -1,0 +1,235 @@
+"""Row kernels that produce GEMM inputs: LayerNorm (+ adaLN modulation) (+ per-token FP8 quantization).
+
+One program handles one row of K channels, entirely in registers (one read of x, one write):
+
+    quantize_rows            q = e4m3(x * (1/s)),  s = max(amax_row|x| / 448, 1e-12)
+    norm_modulate_quant      u = bf16(LN(x) in fp32);  y = bf16(u * bf16(1 + scale) + shift);  then quantize y
+    layer_norm_quant         y = bf16(LN(x) * w + b in fp32);                                  then quantize y
+
+Rounding chain = ReferenceOps.norm_modulate / layer_norm (shared model/ops.py): LN in fp32, round to the
+model dtype, modulate in fp32, round to the model dtype, and only then quantize, so the bf16-output variant
+(`quant=False`) equals the reference up to fp32 summation order in mean/var (rare 1-ulp bf16 flips).
+LN: mean = sum(x)/K, var = sum((x-mean)^2)/K (biased), rstd = 1/sqrt_rn(var + eps) (IEEE division).
+
+FP8 rounding: values are clamped to +-448 and rounded to the e4m3 grid in fp32 by hand (round to nearest
+even on the bits) before the cast, so the cast is exact.  This gives identical bits on the GPU (whose
+cvt.rn.satfinite would do the same), in torch (`clamp(-448, 448).to(float8_e4m3fn)`), and in the CPU
+interpreter, whose own fp8 cast is wrong near powers of two (KERNELS.md 5.4).  It costs ~8 integer ops
+per element in a memory-bound kernel.
+
+Bytes per row (bf16 in, fp8 out): 2K read + K + 4 written (+ 2*2K for shift/scale, L2-resident);
+FLOPs ~ 10 per element (negligible): bandwidth bound.  At M=9360, K=5120: 144 MB -> 48 us at 3 TB/s.
+
+Configs (no autotune): BLOCK = next_power_of_2(K); num_warps 4 (K < 2048), 8 (< 8192), 16 otherwise
+(Liger's calculate_settings).  Modulation vectors may be per channel [K] (row stride 0) or per token [M, K].
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+FP8_MAX = 448.0
+SCALE_MIN = 1e-12
+FP8_DTYPE = torch.float8_e4m3fn
+
+
+@dataclass
+class QuantAct:
+    """A per-token FP8 activation: data e4m3 [..., K], scale fp32 [...] with x ~= data * scale[..., None].
+
+    dtype: the dtype the activation had (the output dtype of the consumer GEMM).  bf16: optionally the same
+    activation unquantized (set when a producer serves both FP8 and bf16 consumers)."""
+    data: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype = torch.bfloat16
+    bf16: Optional[torch.Tensor] = None
+
+    @property
+    def shape(self):
+        return self.data.shape
+
+    def dequantize(self) -> torch.Tensor:
+        if self.bf16 is not None:
+            return self.bf16
+        return (self.data.float() * self.scale.unsqueeze(-1)).to(self.dtype)
+
+
+# --------------------------------------------------------------------------------------------- kernel
+@triton.jit
+def _round_e4m3(y):
+    """Clamp to +-448 and round fp32 y to the nearest e4m3 value (ties to even); result is exact in e4m3."""
+    y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+    bits = y.to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576  # keep 3 mantissa bits (normals), 0xFFF00000
+    normal = bits.to(tl.float32, bitcast=True)
+    a = tl.abs(y)
+    sub = (a + 16384.0) - 16384.0  # fp32 ulp at 2^14 is 2^-9 = the e4m3 subnormal step
+    sub = tl.where(y < 0, -sub, sub)
+    return tl.where(a < 0.015625, sub, normal)
+
+
+@triton.jit
+def _round_to(y, dt: tl.constexpr, MANUAL: tl.constexpr):
+    """fp32 y rounded to dtype dt (nearest even), returned as fp32.  MANUAL does the bf16 rounding on the
+    bits: the CPU interpreter's fp32->bf16 cast truncates (GPU: identical result either way)."""
+    if MANUAL and dt == tl.bfloat16:
+        bits = y.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536  # 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return y.to(dt).to(tl.float32)
+
+
+@triton.jit
+def _row_kernel(X, W, B, SHIFT, SCALE, Y, YB, S,
+                K, stride_x, stride_mod, stride_y, stride_yb, eps,
+                NORM: tl.constexpr, AFFINE: tl.constexpr, MODULATE: tl.constexpr,
+                QUANT: tl.constexpr, STORE_BF16: tl.constexpr, MANUAL: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < K
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+    rdt = x.dtype  # the model dtype: every reference rounding step goes through it
+    y = x.to(tl.float32)
+    if NORM:
+        mean = tl.sum(y, axis=0) / K
+        d = tl.where(mask, y - mean, 0.0)
+        var = tl.sum(d * d, axis=0) / K
+        rstd = tl.math.div_rn(1.0, tl.math.sqrt_rn(var + eps))
+        y = d * rstd
+        if AFFINE:
+            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+            b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+            y = y * w + b
+        y = _round_to(y, rdt, MANUAL)
+    if MODULATE:
+        sc = tl.load(SCALE + row * stride_mod + cols, mask=mask, other=0.0)
+        sh = tl.load(SHIFT + row * stride_mod + cols, mask=mask, other=0.0).to(tl.float32)
+        one_plus = _round_to(sc.to(tl.float32) + 1.0, sc.dtype, MANUAL)  # (1 + scale) in the modulation dtype
+        y = _round_to(y * one_plus + sh, rdt, MANUAL)
+    if STORE_BF16:
+        tl.store(YB + row * stride_yb + cols, y.to(YB.dtype.element_ty), mask=mask)
+    if QUANT:
+        amax = tl.max(tl.where(mask, tl.abs(y), 0.0), axis=0)
+        s = tl.maximum(amax / 448.0, 1e-12)
+        inv = tl.math.div_rn(1.0, s)
+        q = _round_e4m3(y * inv)
+        tl.store(Y + row * stride_y + cols, q.to(Y.dtype.element_ty), mask=mask)
+        tl.store(S + row, s)
+
+
+# --------------------------------------------------------------------------------------------- host
+def interpreting() -> bool:
+    """True when Triton runs through the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _settings(k: int):
+    block = triton.next_power_of_2(k)
+    warps = 4 if block < 2048 else (8 if block < 8192 else 16)
+    return block, warps
+
+
+def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise ValueError(f"{name} must be a tensor [..., K]; got {type(x).__name__}")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"{name} must be bf16/fp16/fp32, got {x.dtype}; cast it first")
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    return x2
+
+
+def _mod_rows(v: torch.Tensor, m: int, k: int, name: str):
+    """A modulation tensor broadcastable to [M, K] -> (tensor, row stride): per channel or per token."""
+    if v.numel() == k:
+        return v.reshape(k).contiguous(), 0
+    if v.numel() == m * k:
+        return v.reshape(m, k).contiguous(), k
+    raise ValueError(f"{name} has shape {tuple(v.shape)}: expected {k} channels per token "
+                     f"(shape [.., 1, {k}]) or one row per token ([{m}, {k}] after flattening)")
+
+
+def _launch(x, w=None, b=None, shift=None, scale=None, eps=1e-6, norm=True, quant=True, store_bf16=False):
+    x2 = _rows(x, "x")
+    m, k = x2.shape
+    dev = x2.device
+    lead = x.shape[:-1]
+    q = torch.empty((m, k), dtype=FP8_DTYPE, device=dev) if quant else None
+    s = torch.empty((m,), dtype=torch.float32, device=dev) if quant else None
+    yb = torch.empty((m, k), dtype=x2.dtype, device=dev) if store_bf16 else None
+    mod = shift is not None
+    if mod:
+        shift, stride_mod = _mod_rows(shift, m, k, "shift")
+        scale, stride_mod2 = _mod_rows(scale, m, k, "scale")
+        if stride_mod != stride_mod2:
+            raise ValueError("shift and scale must both be per channel or both per token")
+    else:
+        stride_mod = 0
+    affine = w is not None
+    if affine:
+        if b is None:
+            b = torch.zeros_like(w)
+        w, b = w.contiguous(), b.contiguous()
+    if m:
+        block, warps = _settings(k)
+        dummy = x2
+        _row_kernel[(m,)](x2, w if affine else dummy, b if affine else dummy, shift if mod else dummy,
+                          scale if mod else dummy, q if quant else dummy, yb if store_bf16 else dummy,
+                          s if quant else dummy, k, x2.stride(0), stride_mod, k, k, float(eps),
+                          NORM=norm, AFFINE=affine, MODULATE=mod, QUANT=quant, STORE_BF16=store_bf16,
+                          MANUAL=interpreting(), BLOCK=block, num_warps=warps)
+    if quant:
+        return QuantAct(q.view(*lead, k), s.view(lead), x.dtype, yb.view(*lead, k) if store_bf16 else None)
+    return yb.view(*lead, k)
+
+
+def quantize_rows(x: torch.Tensor) -> QuantAct:
+    """Per-token FP8 quantization of x [..., K] -> QuantAct(e4m3 [..., K], fp32 scale [...])."""
+    return _launch(x, norm=False, quant=True)
+
+
+def norm_modulate_quant(x, shift, scale, eps: float, quant: bool = True, keep_bf16: bool = False):
+    """LN_noaffine(x) -> modulate -> (FP8 QuantAct | bf16 tensor) in one pass.  keep_bf16 with quant also
+    returns the unquantized activation in QuantAct.bf16 (for mixed FP8/bf16 consumers)."""
+    return _launch(x, shift=shift, scale=scale, eps=eps, quant=quant, store_bf16=(not quant) or keep_bf16)
+
+
+def layer_norm_quant(x, weight, bias, eps: float, quant: bool = True, keep_bf16: bool = False):
+    """LayerNorm (affine when weight is given) -> (FP8 QuantAct | tensor in x.dtype) in one pass."""
+    return _launch(x, w=weight, b=bias, eps=eps, quant=quant, store_bf16=(not quant) or keep_bf16)
+
+
+# --------------------------------------------------------------------------------------------- references
+def quantize_e4m3_ref(y: torch.Tensor) -> torch.Tensor:
+    """fp32 values -> e4m3 with clamp to +-448 (torch's cast sends |y| >= 480 to NaN otherwise)."""
+    return y.float().clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def quantize_rows_ref(x: torch.Tensor):
+    """(e4m3 [..., K], fp32 scale [...]) of the same math as quantize_rows."""
+    y = x.float()
+    s = torch.clamp(y.abs().amax(dim=-1) / FP8_MAX, min=SCALE_MIN)
+    inv = 1.0 / s
+    return quantize_e4m3_ref(y * inv.unsqueeze(-1)), s
+
+
+def norm_modulate_ref(x, shift, scale, eps: float, quant: bool = True):
+    """ReferenceOps.norm_modulate, then (optionally) quantize_rows_ref."""
+    u = torch.nn.functional.layer_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+    y = (u.float() * (1 + scale) + shift).to(x.dtype)
+    return quantize_rows_ref(y) if quant else y
+
+
+def layer_norm_ref(x, weight, bias, eps: float, quant: bool = True):
+    """ReferenceOps.layer_norm, then (optionally) quantize_rows_ref."""
+    w = weight.float() if weight is not None else None
+    b = bias.float() if bias is not None else None
+    y = torch.nn.functional.layer_norm(x.float(), (x.shape[-1],), w, b, eps).to(x.dtype)
+    return quantize_rows_ref(y) if quant else y

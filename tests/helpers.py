@@ -1,0 +1,30 @@
+"""Shared test helpers: a tiny random model, random conditioning, a poisoned-output check."""
+import torch
+
+from liveact.model import ChunkLayout, Rope3D, VideoGeometry, get_preset
+from liveact.model.checkpoint import build_empty, init_random_
+
+
+def tiny_model(dtype=torch.float32, seed=0, ops=None):
+    m = init_random_(build_empty(get_preset("tiny"), "cpu", dtype), seed=seed)
+    if ops is not None:
+        m.set_ops(ops)
+    return m
+
+
+def conditioning(model, geo: VideoGeometry, seed=0):
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(seed)
+    ctx = model.embed_context(torch.randn(20, cfg.text_dim, generator=g), torch.randn(1, 257, cfg.clip_dim, generator=g))
+    y = torch.randn(cfg.in_dim - cfg.out_dim, 14, geo.lat_h, geo.lat_w, generator=g)
+    return ctx, y
+
+
+def audio_window(cfg, n, seed=0):
+    g = torch.Generator().manual_seed(1000 + 17 * n + seed)
+    return torch.randn(1, 53, cfg.audio_window, cfg.audio_layers, cfg.audio_channels, generator=g)
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
