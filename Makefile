@@ -16,8 +16,7 @@ $(VENV)/.installed: setup.py requirements-cpu.txt
 setup: $(VENV)/.installed
 
 demo: setup
-	$(BIN)/liveact checkpoint random --preset tiny --out $(OUT)/ckpt-tiny
-	$(BIN)/liveact bench fps --preset tiny --ckpt-dir $(OUT)/ckpt-tiny --size 128*128 --chunks 6 --warmup 2 --json $(OUT)/fps-tiny.json
+	$(BIN)/liveact generate --preset tiny --out-dir $(OUT) --dura-print
 
 test: setup
 	$(BIN)/python -m pytest -q -x --durations=15

@@ -37,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--vae", action="store_true", help="include the streaming VAE decode of every chunk")
+    p.add_argument("--vae-mode", default="carry", choices=["carry", "overlap"],
+                   help="carry = decode only the new latents with the carried causal cache; overlap = published")
     add_ops_arguments(p)
 
 
@@ -125,6 +128,12 @@ def run(args) -> dict:
                                                     audio_cfg=args.audio_cfg, cuda_graphs=not args.no_cuda_graph,
                                                     seed=args.seed))
     eng.start(y, {"main": ctx})
+    decoder = None
+    if args.vae:
+        from ..model.vae import StreamingDecoder, WanVAE
+        vae_dim = 96 if model.cfg.clip_dim == 1280 else 8  # the published VAE for the published model
+        decoder = StreamingDecoder(WanVAE.random(dim=vae_dim, seed=args.seed, device=device, dtype=dtype),
+                                   mode=args.vae_mode)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     rows = []
     use_bar = not args.no_progress and sys.stderr.isatty()
@@ -143,14 +152,20 @@ def run(args) -> dict:
         def on_step(i):
             sync()
             step_t.append(time.perf_counter())
-        eng.generate_chunk(n, audio, on_step=on_step)
+        latent = eng.generate_chunk(n, audio, on_step=on_step)
+        vae_ms = None
+        if decoder is not None:
+            frames = decoder.decode_chunk(latent)
+            sync()
+            vae_ms = round((time.perf_counter() - step_t[-1]) * 1e3, 2)
+            assert frames.shape[2] == video_frames_of_chunk(n)
         sync()
         t1 = time.perf_counter()
         steps_ms = [(b - a) * 1e3 for a, b in zip([t0] + step_t[:-1], step_t)]
         mem = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         mem_series.append(mem)
         rows.append({"chunk": n, "frames": video_frames_of_chunk(n), "ms_per_step": [round(s, 2) for s in steps_ms],
-                     "ms_chunk": round((t1 - t0) * 1e3, 2), "t_end_s": round(t1 - t_start, 4),
+                     "ms_chunk": round((t1 - t0) * 1e3, 2), "ms_vae": vae_ms, "t_end_s": round(t1 - t_start, 4),
                      "mem_allocated_gib": round(mem / 2**30, 3)})
         if bar:
             bar.update(1)
@@ -169,6 +184,8 @@ def run(args) -> dict:
         "steady_fps": round(frames / wall, 3) if wall > 0 else None,
         "ms_per_step_steady": round(1e3 * wall / (3 * len(measured)), 2),
         "ms_per_chunk_steady": round(1e3 * wall / len(measured), 2),
+        "vae": args.vae and args.vae_mode,
+        "ms_vae_steady": round(sum(r["ms_vae"] for r in measured) / len(measured), 2) if args.vae else None,
         "time_to_first_chunk_s": round(rows[0]["t_end_s"], 3),
         "model_build_s": round(build_s, 2),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None,
@@ -188,8 +205,8 @@ def print_report(res: dict, max_rows: int = 40) -> None:
         st = ", ".join(f"{x:.1f}" for x in r["ms_per_step"])
         print(f"{r['chunk']:>5} {r['frames']:>6} {st:>28} {r['ms_chunk']:>10.1f} {r['mem_allocated_gib']:>8.2f}")
     print()
-    for k in ("device", "preset", "size", "ops", "dtype", "cuda_graphs", "fp8_kv_cache", "steady_fps",
-              "ms_per_step_steady", "ms_per_chunk_steady", "time_to_first_chunk_s", "model_build_s",
+    for k in ("device", "preset", "size", "ops", "dtype", "cuda_graphs", "fp8_kv_cache", "vae", "steady_fps",
+              "ms_per_step_steady", "ms_per_chunk_steady", "ms_vae_steady", "time_to_first_chunk_s", "model_build_s",
               "peak_mem_gib", "cache_gib", "mem_flat_after_chunk3", "sm_clock_mhz", "power_w"):
         if s.get(k) is not None:
             print(f"  {k:<24} {s[k]}")
