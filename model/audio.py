@@ -13,7 +13,8 @@ shared/SPEC-ENCODERS.md 4 and shared/SPEC.md 5.3, 5.5, 5.9.  The chain, per inpu
 
 `audio_window(emb, a0)` gathers the [1, 53, 5, layers, channels] window of a chunk with clamped indices.
 `AudioEncoder.encode_stream_window` is the `--steam_audio` variant (one fresh embedding per chunk from the
-original samples [sr*a0/fps, sr*(a0+55)/fps)).
+original samples [sr*a0/fps, sr*(a0+55)/fps)).  `AudioEncoder.chunk_windows(path, fps, stream)` gives the number
+of chunks N = floor(seconds*fps/32) + 1 and an iterator over every chunk's window, in either mode.
 
 Differences from the reference, on purpose:
 - sox is not a dependency: `sox_tempo` re-implements sox 14.4's `tempo` effect (default profile: segment 82 ms,
@@ -25,15 +26,15 @@ Differences from the reference, on purpose:
   sinc_interp_hann kernel (kernel computed in float64 then cast, as `torchaudio.transforms.Resample` does).
 - Silent audio is accepted (the reference runs it too: the normalisation maps silence to zeros); a warning is
   issued, and a separate warning when channel 0 is silent but another channel is not (only channel 0 is used).
-- Audio shorter than `MIN_AUDIO_SECONDS` (less than one 25 Hz wav2vec frame after the tempo change, or fewer than
-  the 400 samples the wav2vec2 CNN needs) is an error; anything longer works (the last chunk is trimmed).
+- Audio shorter than `min_audio_seconds(fps)` (one video frame: less would give zero wav2vec frames after the
+  tempo change; 50 ms at 20 fps) is an error naming the minimum.  Anything longer works, including clips shorter
+  than one chunk: the first chunk (21 frames) is generated and the mp4 is trimmed to the audio.
 """
 from __future__ import annotations
 
 import json
 import math
 import warnings
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -111,12 +112,20 @@ def read_audio(path) -> tuple[np.ndarray, int]:
     return np.ascontiguousarray(data.T), int(sr)
 
 
-def check_audio(wave: np.ndarray, sr: int, where: str = "audio") -> None:
+def min_audio_seconds(fps: int | None = None) -> float:
+    """Shortest usable clip: one video frame at fps (= one 25 Hz wav2vec frame after the 25/fps tempo change)
+    and at least the 400 samples at 16 kHz that the wav2vec2 CNN needs."""
+    tempo = AUDIO_FPS / fps if fps else 1.0
+    return max(MIN_AUDIO_SECONDS * tempo, MIN_CNN_SAMPLES / WAV2VEC_SR * tempo)
+
+
+def check_audio(wave: np.ndarray, sr: int, where: str = "audio", fps: int | None = None) -> None:
+    """Raise AudioError for audio that cannot be encoded; warn for silent audio (see the module docstring)."""
     seconds = wave.shape[-1] / sr
-    if seconds < MIN_AUDIO_SECONDS or wave.shape[-1] * WAV2VEC_SR / sr < MIN_CNN_SAMPLES:
-        raise AudioError(f"{where}: audio is {seconds * 1000:.1f} ms long; at least "
-                         f"{max(MIN_AUDIO_SECONDS, MIN_CNN_SAMPLES / WAV2VEC_SR) * 1000:.0f} ms are needed "
-                         "(wav2vec2 works on 25 ms frames). Use a longer clip.")
+    need = min_audio_seconds(fps)
+    if seconds < need:
+        raise AudioError(f"{where}: audio is {seconds * 1000:.1f} ms long; at least {need * 1000:.0f} ms are needed "
+                         f"(one video frame{f' at {fps} fps' if fps else ''}). Use a longer clip.")
     if not np.isfinite(wave).all():
         raise AudioError(f"{where}: audio contains NaN/inf samples; re-export the file")
     peak = np.abs(wave).max(axis=-1)
@@ -321,7 +330,7 @@ class AudioEncoder:
     # ---- preprocessing (steps 2-5)
     def preprocess(self, wave: np.ndarray, sr: int, fps: int) -> np.ndarray:
         """[C, N] at sr -> float32 [N16] wav2vec input (tempo 25/fps, 16 kHz, x3, channel 0, normalisation)."""
-        factor = float(Fraction(AUDIO_FPS) / Fraction(fps)) if fps != AUDIO_FPS else 1.0
+        factor = AUDIO_FPS / fps  # the reference passes str(25 / fps) to sox: the same double
         x = sox_tempo(wave, sr, factor)
         x = resample(torch.from_numpy(np.ascontiguousarray(x)), sr, WAV2VEC_SR) * GAIN
         speech = x[0].numpy()
@@ -354,13 +363,26 @@ class AudioEncoder:
         return torch.stack(outs, dim=0)[:, 0].transpose(0, 1).contiguous()  # [S, layers, hidden]
 
     def encode(self, wave: np.ndarray, sr: int, fps: int, where: str = "audio") -> torch.Tensor:
-        check_audio(wave, sr, where)
+        check_audio(wave, sr, where, fps)
         return self.embed(self.preprocess(wave, sr, fps))
 
     def encode_file(self, path, fps: int) -> torch.Tensor:
         """Offline mode: the whole clip at once -> [S, layers, channels], S = int(duration_after_tempo * 25)."""
         wave, sr = read_audio(path)
         return self.encode(wave, sr, fps, str(path))
+
+    def chunk_windows(self, path, fps: int, stream: bool = False):
+        """(number of chunks, iterator over the chunks' windows [1, 53, 5, layers, channels]).
+
+        stream=False: one embedding of the whole clip, sliced per chunk (the default reference mode);
+        stream=True: `--steam_audio`, a fresh embedding of each chunk's slice, computed when the chunk asks."""
+        wave, sr = read_audio(path)
+        check_audio(wave, sr, str(path), fps)
+        n = num_chunks(wave.shape[-1] / sr, fps)
+        if stream:
+            return n, (self.encode_stream_window(wave, sr, window_start(c), fps) for c in range(n))
+        emb = self.embed(self.preprocess(wave, sr, fps))
+        return n, (audio_window(emb, window_start(c)) for c in range(n))
 
     def stream_slice(self, wave: np.ndarray, sr: int, a0: int, fps: int) -> np.ndarray:
         """Original samples [floor(sr*a0/fps), floor(sr*(a0+55)/fps)) of channel 0 (SPEC.md 5.9)."""

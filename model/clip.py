@@ -197,7 +197,8 @@ def load_clip(ckpt_dir_or_file, device="cpu", dtype=torch.bfloat16, num_heads: i
         path = path / CLIP_FILE
     sd = _torch_load(path)
     cfg = clip_config_from_state_dict(sd, str(path))
-    model = CLIPVisual(**cfg, num_heads=num_heads)
+    with torch.device("meta"):
+        model = CLIPVisual(**cfg, num_heads=num_heads)
     want = {f"visual.{k}": v for k, v in model.state_dict().items()}
     last = cfg["num_layers"] - 1
     unused = [k for k in sd if k.startswith(f"visual.transformer.{last}.")] + \
@@ -214,11 +215,11 @@ def load_clip(ckpt_dir_or_file, device="cpu", dtype=torch.bfloat16, num_heads: i
                 lines.append(f"  {len(keys)} {title}: " + ", ".join(keys[:6]) + (" ..." if len(keys) > 6 else ""))
         lines.append(f"  Fix: use the published {CLIP_FILE} (or one written by write_random_clip).")
         raise EncoderLoadError("\n".join(lines))
-    model = model.to(dtype)
+    model = model.to(dtype).to_empty(device=device)
     with torch.no_grad():
         for k, p in model.state_dict().items():
             p.copy_(sd[f"visual.{k}"])
-    return model.to(device).eval()
+    return model.eval()
 
 
 def _rand(shape, gen, kind):

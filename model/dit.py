@@ -319,10 +319,14 @@ class LiveActDiT(nn.Module):
         for i, blk in enumerate(self.blocks):
             x = blk(ops, x, e0, context.per_block[i], None if audio_kv is None else audio_kv[i],
                     caches[i], rope, chunk)
+        return self.unpatchify(self.head_out(x, e), f, h // 2, w // 2)
+
+    def head_out(self, x, e):
+        """Head: LN(x) * (1 + scale) + shift with (shift, scale) = head.modulation + e (not e0), all in
+        the model dtype, then Linear -> [1, L, 64] patch features."""
         shift, scale = (self.head.modulation + e[:, None]).chunk(2, dim=1)
         u = F.layer_norm(x.float(), (self.cfg.dim,), eps=self.cfg.eps).to(x.dtype)
-        out = ops.linear(u * (1 + scale) + shift, self.head.head)
-        return self.unpatchify(out, f, h // 2, w // 2)
+        return self.ops.linear(u * (1 + scale) + shift, self.head.head)
 
     def alloc_caches(self, tokens_per_frame: int, fp8: bool = False, frames: int = 14):
         cfg = self.cfg

@@ -141,11 +141,16 @@ class ReferenceOps:
     def attention_lse(self, q, k, v):
         """Like `attention`, also returning the natural-log log-sum-exp of the scaled scores,
         lse [B, H, Sq] fp32 (ring attention merges partial results with it)."""
-        d = q.shape[-1]
-        s = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) / d ** 0.5
-        lse = torch.logsumexp(s, dim=-1)
-        o = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, dim=-1), v.float())
-        return o.to(q.dtype), lse
+        d, h = q.shape[-1], q.shape[2]
+        step = max(1, min(h, (1 << 28) // max(1, q.shape[0] * q.shape[1] * k.shape[1])))  # bound fp32 scores
+        outs, lses = [], []
+        for h0 in range(0, h, step):
+            sl = slice(h0, h0 + step)
+            s = torch.einsum("bqhd,bkhd->bhqk", q[:, :, sl].float(), k[:, :, sl].float()) / d ** 0.5
+            lses.append(torch.logsumexp(s, dim=-1))
+            outs.append(torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, dim=-1), v[:, :, sl].float()))
+            del s
+        return torch.cat(outs, dim=2).to(q.dtype), torch.cat(lses, dim=1)
 
     def cross_attention(self, q, kv_pairs) -> torch.Tensor:
         """Sum of separate softmax attentions of q over each (k, v) pair (image + text context)."""

@@ -226,7 +226,8 @@ def load_t5(ckpt_dir_or_file, device="cpu", dtype=torch.bfloat16) -> T5Encoder:
         path = path / T5_FILE
     sd = _torch_load(path)
     cfg = t5_config_from_state_dict(sd, str(path))
-    model = T5Encoder(**cfg)
+    with torch.device("meta"):  # no memory until the target device/dtype is known (fp32 XXL would be 23 GB)
+        model = T5Encoder(**cfg)
     want = model.state_dict()
     missing = sorted(set(want) - set(sd))
     unexpected = sorted(set(sd) - set(want))
@@ -238,11 +239,11 @@ def load_t5(ckpt_dir_or_file, device="cpu", dtype=torch.bfloat16) -> T5Encoder:
                 lines.append(f"  {len(keys)} {title}: " + ", ".join(keys[:6]) + (" ..." if len(keys) > 6 else ""))
         lines.append(f"  Fix: use the published {T5_FILE} (or one written by write_random_t5).")
         raise EncoderLoadError("\n".join(lines))
-    model = model.to(dtype)
+    model = model.to(dtype).to_empty(device=device)
     with torch.no_grad():
         for k, p in model.state_dict().items():
             p.copy_(sd[k])
-    return model.to(device).eval()
+    return model.eval()
 
 
 def load_text_encoder(ckpt_dir, device="cpu", dtype=torch.bfloat16, text_len=TEXT_LEN) -> TextEncoder:
@@ -258,24 +259,28 @@ def load_text_encoder(ckpt_dir, device="cpu", dtype=torch.bfloat16, text_len=TEX
 def random_t5_state_dict(vocab=256384, dim=4096, dim_attn=4096, dim_ffn=10240, num_heads=64, num_layers=24,
                          num_buckets=32, seed=0, dtype=torch.bfloat16) -> dict:
     gen = torch.Generator().manual_seed(seed)
+    sd = {}
+
+    def put(k, v):  # convert tensor by tensor: the fp32 copy of the 18b encoder would need 23 GB at once
+        sd[k] = v.to(dtype).contiguous()
 
     def lin(o, i):
         return (torch.rand(o, i, generator=gen) * 2 - 1) / math.sqrt(i)
 
-    sd = {"token_embedding.weight": torch.randn(vocab, dim, generator=gen)}
+    put("token_embedding.weight", torch.randn(vocab, dim, generator=gen))
     for i in range(num_layers):
         p = f"blocks.{i}."
-        sd[p + "norm1.weight"] = 1.0 + 0.1 * torch.randn(dim, generator=gen)
+        put(p + "norm1.weight", 1.0 + 0.1 * torch.randn(dim, generator=gen))
         for n in "qkv":
-            sd[p + f"attn.{n}.weight"] = lin(dim_attn, dim)
-        sd[p + "attn.o.weight"] = lin(dim, dim_attn)
-        sd[p + "norm2.weight"] = 1.0 + 0.1 * torch.randn(dim, generator=gen)
-        sd[p + "ffn.gate.0.weight"] = lin(dim_ffn, dim)
-        sd[p + "ffn.fc1.weight"] = lin(dim_ffn, dim)
-        sd[p + "ffn.fc2.weight"] = lin(dim, dim_ffn)
-        sd[p + "pos_embedding.embedding.weight"] = torch.randn(num_buckets, num_heads, generator=gen)
-    sd["norm.weight"] = 1.0 + 0.1 * torch.randn(dim, generator=gen)
-    return {k: v.to(dtype).contiguous() for k, v in sd.items()}
+            put(p + f"attn.{n}.weight", lin(dim_attn, dim))
+        put(p + "attn.o.weight", lin(dim, dim_attn))
+        put(p + "norm2.weight", 1.0 + 0.1 * torch.randn(dim, generator=gen))
+        put(p + "ffn.gate.0.weight", lin(dim_ffn, dim))
+        put(p + "ffn.fc1.weight", lin(dim_ffn, dim))
+        put(p + "ffn.fc2.weight", lin(dim, dim_ffn))
+        put(p + "pos_embedding.embedding.weight", torch.randn(num_buckets, num_heads, generator=gen))
+    put("norm.weight", 1.0 + 0.1 * torch.randn(dim, generator=gen))
+    return sd
 
 
 def write_random_t5(path, seed=0, dtype=torch.bfloat16, **cfg) -> Path:

@@ -103,9 +103,18 @@ class StreamingEngine:
             latent = eng.generate_chunk(n, audio_window)     # [16, F, h, w] clean latent (x0)
     """
 
-    def __init__(self, model: LiveActDiT, geometry: VideoGeometry, options: EngineOptions | None = None):
+    def __init__(self, model: LiveActDiT, geometry: VideoGeometry, options: EngineOptions | None = None,
+                 sp=None):
+        """sp: a runtime.ring.SequenceParallel to spread every chunk over its ranks (ring attention;
+        each rank holds 1/N of the tokens and of every cache).  None = one device."""
         self.model, self.geo = model, geometry
         self.opt = options or EngineOptions()
+        self.sp = sp
+        self.fwd = model
+        if sp is not None:
+            from .sequence_parallel import check_sequence_parallel, install_sequence_parallel
+            check_sequence_parallel(geometry, sp.world)
+            self.fwd = install_sequence_parallel(model, sp)  # before the caches: they are sharded
         self.dtype, self.device = model.dtype, model.device
         fl = geometry.tokens_per_frame
         self.fl = fl
@@ -117,7 +126,8 @@ class StreamingEngine:
         ts = torch.tensor(TIMESTEPS, dtype=torch.float32, device=self.device)
         self.sigmas = [ts[i] / 1000 for i in range(4)]  # 0-dim fp32 scalars, as published
         self.time_emb = [model.embed_time(torch.tensor([t], device=self.device)) for t in TIMESTEPS[:3]]
-        self.graphs = _StepGraphs(self.opt.cuda_graphs and self.device.type == "cuda")
+        # collectives inside captured graphs are not validated yet: eager steps under sequence parallelism
+        self.graphs = _StepGraphs(self.opt.cuda_graphs and self.device.type == "cuda" and sp is None)
         self._static = {}
         self._null_audio_tokens = None
         self.contexts: dict[str, Context] = {}
@@ -186,7 +196,7 @@ class StreamingEngine:
         self.gen.manual_seed(self.opt.seed if seed is None else seed)
 
     def _forward(self, kind: int, step: int, null: bool):
-        buf, m = self._buffers(kind), self.model
+        buf, m = self._buffers(kind), self.fwd
         e, e0 = self.time_emb[step]
         audio = None if step == 0 else (buf["null_audio"] if null else buf["audio"])
         caches = self.null_caches[step] if null else self.caches[step]
