@@ -37,6 +37,8 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--ring", action="store_true", help="use the ring-attention sequence-parallel path even on one "
+                   "process (under torchrun with N > 1 processes it is used automatically)")
     p.add_argument("--vae", action="store_true", help="include the streaming VAE decode of every chunk")
     p.add_argument("--vae-mode", default="carry", choices=["carry", "overlap"],
                    help="carry = decode only the new latents with the carried causal cache; overlap = published")
@@ -57,10 +59,12 @@ def estimate_memory(cfg, geo: VideoGeometry, fp8_kv: bool, audio_cfg: float, dty
     return {"weights": weights, "caches": caches, "activations": acts + ctx, "total": weights + caches + acts + ctx}
 
 
-def check_fits(cfg, geo, args, device) -> None:
+def check_fits(cfg, geo, args, device, world: int = 1) -> None:
     if device.type != "cuda":
         return
     est = estimate_memory(cfg, geo, args.fp8_kv_cache, args.audio_cfg, 4 if args.dtype == "fp32" else 2)
+    est["caches"] //= world  # sequence parallelism: each rank holds 1/N of every cache
+    est["total"] = est["weights"] + est["caches"] + est["activations"]
     free, total = torch.cuda.mem_get_info(device)
     margin = 3 * 2**30  # allocator fragmentation, cuBLAS workspaces, CUDA-graph pools
     if est["total"] + margin > free:
@@ -107,7 +111,16 @@ def build_model(args, device, dtype):
 
 
 def run(args) -> dict:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from ..runtime.ring import launch_info, rank0_errors
+    info = launch_info()
+    with rank0_errors(info.rank):
+        return _run(args, info)
+
+
+def _run(args, info) -> dict:
+    sp = info.sequence_parallel() if (info.world_size > 1 or args.ring) else None
+    device = info.device if info.world_size > 1 else torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    main_rank = info.rank == 0
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
     geo = VideoGeometry.parse(args.size)
     if args.chunks < 1 or args.warmup < 0:
@@ -116,8 +129,11 @@ def run(args) -> dict:
         raise SystemExit(f"error: --warmup {args.warmup} leaves no measured chunk of --chunks {args.chunks}; "
                          f"use --chunks {args.warmup + 4} or more")
     cfg = get_preset(args.preset) if not args.ckpt_dir else None
+    if sp is not None:
+        from ..runtime.sequence_parallel import check_sequence_parallel
+        check_sequence_parallel(geo, sp.world)
     if cfg is not None:
-        check_fits(cfg, geo, args, device)
+        check_fits(cfg, geo, args, device, world=info.world_size)
     torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = True
     model, build_s = build_model(args, device, dtype)
     model.set_ops(make_ops(args, device))
@@ -126,7 +142,7 @@ def run(args) -> dict:
     y, ctx = random_conditioning(model, geo, args.seed)
     eng = StreamingEngine(model, geo, EngineOptions(fp8_kv_cache=args.fp8_kv_cache, mean_memory=args.mean_memory,
                                                     audio_cfg=args.audio_cfg, cuda_graphs=not args.no_cuda_graph,
-                                                    seed=args.seed))
+                                                    seed=args.seed), sp=sp)
     eng.start(y, {"main": ctx})
     decoder = None
     if args.vae:
@@ -136,7 +152,7 @@ def run(args) -> dict:
                                    mode=args.vae_mode)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     rows = []
-    use_bar = not args.no_progress and sys.stderr.isatty()
+    use_bar = not args.no_progress and sys.stderr.isatty() and main_rank
     bar = None
     if use_bar:
         from tqdm import tqdm
@@ -178,7 +194,7 @@ def run(args) -> dict:
     summary = {
         "preset": args.preset if not args.ckpt_dir else str(args.ckpt_dir), "size": str(geo),
         "tokens_per_frame": geo.tokens_per_frame, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "ops": ops_description(model.ops), "dtype": args.dtype, "cuda_graphs": eng.graphs.enabled,
+        "ops": ops_description(model.ops), "world_size": info.world_size, "ring": sp is not None, "dtype": args.dtype, "cuda_graphs": eng.graphs.enabled,
         "fp8_kv_cache": args.fp8_kv_cache, "mean_memory": args.mean_memory, "audio_cfg": args.audio_cfg,
         "chunks": args.chunks, "warmup": args.warmup,
         "steady_fps": round(frames / wall, 3) if wall > 0 else None,
@@ -194,7 +210,7 @@ def run(args) -> dict:
         if len(mem_series) > 4 and device.type == "cuda" else None,
         **tel,
     }
-    return {"summary": summary, "chunks": rows}
+    return {"summary": summary, "chunks": rows, "main_rank": main_rank}
 
 
 def print_report(res: dict, max_rows: int = 40) -> None:
@@ -205,7 +221,7 @@ def print_report(res: dict, max_rows: int = 40) -> None:
         st = ", ".join(f"{x:.1f}" for x in r["ms_per_step"])
         print(f"{r['chunk']:>5} {r['frames']:>6} {st:>28} {r['ms_chunk']:>10.1f} {r['mem_allocated_gib']:>8.2f}")
     print()
-    for k in ("device", "preset", "size", "ops", "dtype", "cuda_graphs", "fp8_kv_cache", "vae", "steady_fps",
+    for k in ("device", "preset", "size", "ops", "world_size", "ring", "dtype", "cuda_graphs", "fp8_kv_cache", "vae", "steady_fps",
               "ms_per_step_steady", "ms_per_chunk_steady", "ms_vae_steady", "time_to_first_chunk_s", "model_build_s",
               "peak_mem_gib", "cache_gib", "mem_flat_after_chunk3", "sm_clock_mhz", "power_w"):
         if s.get(k) is not None:
@@ -214,6 +230,8 @@ def print_report(res: dict, max_rows: int = 40) -> None:
 
 def main(args) -> int:
     res = run(args)
+    if not res.pop("main_rank"):
+        return 0
     print_report(res)
     if args.json:
         with open(args.json, "w") as f:
