@@ -167,13 +167,27 @@ class Pipeline:
 
 
 def run(args) -> int:
+    """Under `torchrun --nproc-per-node N` every chunk is spread over the N ranks (ring attention); each rank
+    computes the conditioning itself, and rank 0 alone writes videos and prints."""
+    from ..runtime.ring import launch_info, rank0_errors
+    info = launch_info()
+    with rank0_errors(info.rank):
+        return _run(args, info)
+
+
+def _run(args, info) -> int:
     from ..runtime.engine import EngineOptions, StreamingEngine
     from ..runtime.media import Mp4Writer
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    sp = info.sequence_parallel() if info.world_size > 1 else None
+    main = info.rank == 0
+    log = (lambda *a, **k: print(*a, **k)) if main else (lambda *a, **k: None)
+    device = info.device if sp else torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out_dir = Path(args.out_dir)
     if args.ckpt_dir is None:
         if args.preset is None:
             raise InputError("pass --ckpt-dir (the LiveAct checkpoint directory) or --preset tiny for a random demo")
+        if sp is not None:
+            raise InputError("with several processes pass --ckpt-dir (write it first with `liveact checkpoint random`)")
         args.ckpt_dir = str(ensure_random_checkpoint(args.preset, out_dir))
     size = args.size or ("128*128" if args.preset == "tiny" and args.size is None else "416*720")
     geo = VideoGeometry.parse(size)
@@ -182,10 +196,10 @@ def run(args) -> int:
     if args.fps <= 0:
         raise InputError(f"--fps must be a positive integer, got {args.fps}")
     pipe = Pipeline(args, device)
-    print(f"loaded {args.ckpt_dir} in {pipe.load_s:.1f} s ({ops_description(pipe.dit.ops)}, {device})", file=sys.stderr)
+    log(f"loaded {args.ckpt_dir} in {pipe.load_s:.1f} s ({ops_description(pipe.dit.ops)}, {device})", file=sys.stderr)
     eng = StreamingEngine(pipe.dit, geo, EngineOptions(fp8_kv_cache=args.fp8_kv_cache, mean_memory=args.mean_memory,
                                                        audio_cfg=args.audio_cfg, cuda_graphs=not args.no_cuda_graph,
-                                                       seed=args.seed))
+                                                       seed=args.seed), sp=sp)
     from tqdm import tqdm
     for item in items:
         stem = f"{item['cond_image'].stem}_{item['cond_audio'].stem}"
@@ -196,25 +210,27 @@ def run(args) -> int:
         eng.start(y, contexts, edits, seed=args.seed)
         pipe.decoder.reset()
         writer = Mp4Writer(out_dir / f"{stem}.mp4", args.fps, geo.width, geo.height, audio_path=item["cond_audio"],
-                           overwrite=args.overwrite)
-        bar = tqdm(total=n_chunks, desc=stem, unit="chunk", file=sys.stderr, disable=not sys.stderr.isatty())
+                           overwrite=args.overwrite) if main else None
+        bar = tqdm(total=n_chunks, desc=stem, unit="chunk", file=sys.stderr, disable=not (sys.stderr.isatty() and main))
         t_start = time.perf_counter()
         try:
             for n, window in zip(range(n_chunks), windows):
                 t0 = time.perf_counter()
                 latent = eng.generate_chunk(n, window)
-                frames = pipe.decoder.decode_chunk(latent)
-                writer.write(frames)
+                frames = pipe.decoder.decode_chunk(latent) if main else None
+                if main:
+                    writer.write(frames)
                 dt = time.perf_counter() - t0
-                if args.dura_print:
+                if args.dura_print and main:
                     budget = frames.shape[2] / args.fps
                     print(f"chunk {n}: {dt:.3f} s for {frames.shape[2]} frames (real-time budget {budget:.3f} s, "
                           f"{'ok' if dt <= budget else 'SLOW'})", file=sys.stderr)
                 bar.update(1)
         finally:
             bar.close()
-            path = writer.close()  # mux whatever was made, also after an interruption or error
+            path = writer.close() if main else None  # mux whatever was made, also after an interruption or error
         wall = time.perf_counter() - t_start
-        print(f"wrote {path} ({writer.frames_written} frames, {n_chunks} chunks, {wall:.1f} s, "
-              f"{writer.frames_written / wall:.2f} FPS end to end)")
+        if main:
+            print(f"wrote {path} ({writer.frames_written} frames, {n_chunks} chunks, {wall:.1f} s, "
+                  f"{writer.frames_written / wall:.2f} FPS end to end)")
     return 0
