@@ -18,7 +18,7 @@ import torch
 from ..model.checkpoint import build_empty, count_parameters, init_random_, load_model
 from ..model.config import CACHE_FRAMES, VideoGeometry, get_preset
 from ..runtime.engine import EngineOptions, StreamingEngine, video_frames_of_chunk
-from ..tools.ops_select import add_ops_arguments, make_ops, ops_description
+from ..tools.ops_select import add_ops_arguments, make_ops, ops_description, uses_fp8_weights
 from ..tools.telemetry import gpu_telemetry
 
 
@@ -45,7 +45,8 @@ def add_arguments(p: argparse.ArgumentParser):
     add_ops_arguments(p)
 
 
-def estimate_memory(cfg, geo: VideoGeometry, fp8_kv: bool, audio_cfg: float, dtype_bytes: int = 2) -> dict:
+def estimate_memory(cfg, geo: VideoGeometry, fp8_kv: bool, audio_cfg: float, dtype_bytes: int = 2,
+                    fp8_weights: bool = False) -> dict:
     """Rough GPU memory need in bytes: weights, caches, activations of one 8-frame step."""
     fl = geo.tokens_per_frame
     rows = CACHE_FRAMES * fl
@@ -55,14 +56,15 @@ def estimate_memory(cfg, geo: VideoGeometry, fp8_kv: bool, audio_cfg: float, dty
     m = 8 * fl
     acts = m * (cfg.ffn_dim * 2 * dtype_bytes + cfg.dim * dtype_bytes * 12) + rows * cfg.dim * 8 * 3
     ctx = cfg.num_layers * 4 * (cfg.text_len + 257) * cfg.dim * dtype_bytes
-    weights = count_parameters(cfg) * dtype_bytes
+    weights = count_parameters(cfg) * (1.02 if fp8_weights else dtype_bytes)  # FP8: e4m3 + scales, small layers bf16
     return {"weights": weights, "caches": caches, "activations": acts + ctx, "total": weights + caches + acts + ctx}
 
 
 def check_fits(cfg, geo, args, device, world: int = 1) -> None:
     if device.type != "cuda":
         return
-    est = estimate_memory(cfg, geo, args.fp8_kv_cache, args.audio_cfg, 4 if args.dtype == "fp32" else 2)
+    fp8w = uses_fp8_weights(args)
+    est = estimate_memory(cfg, geo, args.fp8_kv_cache, args.audio_cfg, 4 if args.dtype == "fp32" else 2, fp8w)
     est["caches"] //= world  # sequence parallelism: each rank holds 1/N of every cache
     est["total"] = est["weights"] + est["caches"] + est["activations"]
     free, total = torch.cuda.mem_get_info(device)
@@ -71,10 +73,12 @@ def check_fits(cfg, geo, args, device, world: int = 1) -> None:
         g = lambda b: f"{b / 2**30:.1f} GiB"
         hints = []
         if not args.fp8_kv_cache:
-            e2 = estimate_memory(cfg, geo, True, args.audio_cfg)
+            e2 = estimate_memory(cfg, geo, True, args.audio_cfg, fp8_weights=fp8w)
             hints.append(f"--fp8-kv-cache (caches {g(est['caches'])} -> {g(e2['caches'])})")
         if args.audio_cfg > 1:
             hints.append("--audio-cfg 1 (drops the null-audio caches)")
+        if not fp8w:
+            hints.append("--ops triton (FP8 weights: ~18 GiB instead of 35)")
         hints.append("a smaller --size")
         raise SystemExit(
             f"error: this configuration needs about {g(est['total'])} of GPU memory (weights {g(est['weights'])}, "

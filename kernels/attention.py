@@ -21,17 +21,26 @@ sageattention 1.0.6 bug, shared/KERNELS.md 7.5).
 
 Cost per call: FLOPs = 4 * B * H * Sq * Sk * D (two GEMMs).  Bytes (quantized): Q 1 B/elem, K 1 B/elem
 re-read once per BM query rows, V 1 B/elem likewise, out 2 B/elem: compute bound at the self-attention
-shape (9360 x 16380 x 40 heads: 126 TFLOP).
+shape (9360 x 16380 x 40 heads: 3.14 TFLOP per call, 126 TFLOP per step of 40 layers).
 
 Autotune configs (CUDA, long key sequences; KERNELS.md 0 sweep):
     BM=64  BN=128 warps=4 stages=3   (measured best for int8/e4m3, the default)
     BM=64  BN=128 warps=4 stages=4
     BM=128 BN=128 warps=8 stages=3
     BM=64  BN=64  warps=4 stages=4
-Short key sequences (cross / audio attention, Sk <= 1024) use BM=64, BN = min(128, next_pow2(Sk)),
-4 warps, 3 stages.  Under TRITON_INTERPRET (CPU) the fp8 casts are pre-rounded to the e4m3 grid in
-fp32 (the interpreter's own cast is wrong near powers of two, KERNELS.md 5.4), and bf16 dot operands
-are widened to fp32 (the interpreter's bf16 tl.dot multiplies raw bit patterns: found here).
+Short key sequences (cross / audio attention, Sk <= 1024) use BM=64, BN = min(128, next_pow2(Sk))
+(at least 32 for the fp8 P.V dot), 4 warps, 3 stages.  LAZY (skip the acc rescale unless a row max
+grew by > 2) is implemented but off: 598 vs 627 TFLOP/s measured.
+
+Measured (H100 SXM, triton 3.6, torch 2.11, do_bench median, 9360 x 16380 x 40 heads x 128, DiT-like
+keys with channel offsets + outliers), SDPA bf16 default backend side by side: SDPA 564-605 TF/s;
+int8/fp8 kernel 627-644 TF/s (1.04-1.11x), cos 0.99927 / rel-L1 0.038 vs fp32 (FP8 P.V is the floor:
+KERNELS.md 0 measured the same); bf16 variant 502-516 TF/s, cos 0.999997.
+
+Under TRITON_INTERPRET (CPU) the fp8 casts are pre-rounded to the e4m3 grid in fp32 (the interpreter's
+own cast is wrong near powers of two, KERNELS.md 5.4), fp32->bf16 casts are pre-rounded likewise (the
+interpreter truncates), and bf16 dot operands are widened to fp32 (the interpreter's bf16 tl.dot
+multiplies raw bit patterns).  The last two were found in this work.
 """
 from __future__ import annotations
 
@@ -49,6 +58,7 @@ FP8_MAX = 448.0
 HEAD_DIM = 128
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+LAZY_RESCALE = False   # quantized kernel: skip the acc rescale unless a row max grew by > 2 (log2 units)
 
 ATTN_CONFIGS = [
     triton.Config({"BM": 64, "BN": 128}, num_warps=4, num_stages=3),
@@ -73,6 +83,16 @@ def e4m3_round(x):
 
 
 @triton.jit
+def to_bf16(x, EMU: tl.constexpr):
+    """fp32 -> bf16, round to nearest even.  Under the interpreter the cast truncates (found here), so
+    round on the bf16 grid in fp32 first (bit trick), after which the cast is exact."""
+    if EMU:
+        bits = x.to(tl.int32, bitcast=True)
+        x = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+    return x.to(tl.bfloat16)
+
+
+@triton.jit
 def to_e4m3(x, EMU: tl.constexpr):
     """fp32 -> float8e4nv with saturation to +-448."""
     x = tl.minimum(tl.maximum(x, -448.0), 448.0)
@@ -89,7 +109,7 @@ def round_half_away(x):
 # ----------------------------------------------------------------------------------- attention
 @triton.jit
 def _attn_block(acc, m_i, l_i, q, qs, k_base, sk_s, ks_base, v_base, sv_s, sv_d, start, Sk,
-                offs_n, offs_d, QUANT: tl.constexpr, MASKED: tl.constexpr, EMU: tl.constexpr):
+                offs_n, offs_d, QUANT: tl.constexpr, MASKED: tl.constexpr, EMU: tl.constexpr, LAZY: tl.constexpr):
     offs = start + offs_n
     valid = offs < Sk
     if MASKED:
@@ -110,13 +130,25 @@ def _attn_block(acc, m_i, l_i, q, qs, k_base, sk_s, ks_base, v_base, sv_s, sv_d,
         s = tl.where(valid[None, :], s, float("-inf"))
     # scores in log2 units are s * qs (qs > 0 per row), so max(s * qs) = qs * max(s)
     m_new = tl.maximum(m_i, tl.max(s, 1) * qs)
-    alpha = tl.math.exp2(m_i - m_new)
-    if QUANT:
-        p = tl.math.exp2(s * qs[:, None] - (m_new - 8.807354922057604)[:, None])   # P in [0, 448]
+    if LAZY:
+        # rescale acc / l only when some row max grew by more than TAU = 2 (log2 units); otherwise
+        # keep the stale max: exact (acc and l share it), P <= 2^(TAU + 6.807) = 448 still fits e4m3
+        if tl.max(m_new - m_i, 0) > 2.0:
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha
+            acc = acc * alpha[:, None]
+            m_i = m_new
+        p = tl.math.exp2(s * qs[:, None] - (m_i - 6.807354922057604)[:, None])
+        l_i = l_i + tl.sum(p, 1)
+        m_new = m_i
     else:
-        p = tl.math.exp2(s * qs - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
+        alpha = tl.math.exp2(m_i - m_new)
+        if QUANT:
+            p = tl.math.exp2(s * qs[:, None] - (m_new - 8.807354922057604)[:, None])   # P in [0, 448]
+        else:
+            p = tl.math.exp2(s * qs - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
     if QUANT:
         if MASKED:
             vt = tl.load(v_base + offs_d[:, None] * sv_d + offs[None, :] * sv_s, mask=valid[None, :], other=0.0)
@@ -129,10 +161,28 @@ def _attn_block(acc, m_i, l_i, q, qs, k_base, sk_s, ks_base, v_base, sv_s, sv_d,
         else:
             v = tl.load(v_base + offs[:, None] * sv_s + offs_d[None, :] * sv_d)
         if EMU:
-            acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc)
+            acc = tl.dot(to_bf16(p, EMU).to(tl.float32), v.to(tl.float32), acc)
         else:
             acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, m_new, l_i
+
+
+@triton.jit
+def _attn_loop(q, qs, k_base, sk_s, ks_base, v_base, sv_s, sv_d, Sk, offs_n, offs_d,
+               QUANT: tl.constexpr, EMU: tl.constexpr, LAZY: tl.constexpr,
+               BM: tl.constexpr, D: tl.constexpr, BN: tl.constexpr):
+    """Sk // BN unmasked key blocks, then one masked tail block.  Returns (acc, m, l)."""
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, D], tl.float32)
+    n_full = Sk // BN
+    for j in range(0, n_full):
+        acc, m_i, l_i = _attn_block(acc, m_i, l_i, q, qs, k_base, sk_s, ks_base, v_base, sv_s, sv_d,
+                                    j * BN, Sk, offs_n, offs_d, QUANT, False, EMU, LAZY)
+    if n_full * BN < Sk:
+        acc, m_i, l_i = _attn_block(acc, m_i, l_i, q, qs, k_base, sk_s, ks_base, v_base, sv_s, sv_d,
+                                    n_full * BN, Sk, offs_n, offs_d, QUANT, True, EMU, LAZY)
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -140,7 +190,7 @@ def _attn_fwd(Q, K, V, QS, KS, VS, KM, O, LSE,
               sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_h, sv_s, sv_d, so_b, so_s, so_h,
               H, Sq, Sk, qk_scale,
               QUANT: tl.constexpr, HAS_LSE: tl.constexpr, HAS_KM: tl.constexpr, ACCUM: tl.constexpr,
-              EMU: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+              LAZY: tl.constexpr, EMU: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -158,36 +208,66 @@ def _attn_fwd(Q, K, V, QS, KS, VS, KM, O, LSE,
     v_base = V + b * sv_b + h * sv_h
     ks_base = KS + pid_bh * Sk
 
-    m_i = tl.full([BM], float("-inf"), tl.float32)
-    l_i = tl.zeros([BM], tl.float32)
-    acc = tl.zeros([BM, D], tl.float32)
-    n_full = Sk // BN
-    for j in range(0, n_full):
-        acc, m_i, l_i = _attn_block(acc, m_i, l_i, q, qs, k_base, sk_s, ks_base, v_base, sv_s, sv_d,
-                                    j * BN, Sk, offs_n, offs_d, QUANT, False, EMU)
-    if n_full * BN < Sk:
-        acc, m_i, l_i = _attn_block(acc, m_i, l_i, q, qs, k_base, sk_s, ks_base, v_base, sv_s, sv_d,
-                                    n_full * BN, Sk, offs_n, offs_d, QUANT, True, EMU)
-
+    acc, m_i, l_i = _attn_loop(q, qs, k_base, sk_s, ks_base, v_base, sv_s, sv_d, Sk, offs_n, offs_d,
+                               QUANT, EMU, LAZY, BM, D, BN)
     if QUANT:
         acc = acc * tl.load(VS + pid_bh * D + offs_d)[None, :]
     o = acc / l_i[:, None]
     o_ptrs = O + b * so_b + h * so_h + offs_m[:, None] * so_s + offs_d[None, :]
     if ACCUM:   # out = previous + this, rounded like the bf16 sum of two attention outputs
         prev = tl.load(o_ptrs, mask=m_mask[:, None], other=0.0)
-        o = o.to(O.dtype.element_ty).to(tl.float32) + prev.to(tl.float32)
-    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=m_mask[:, None])
+        o = to_bf16(o, EMU).to(tl.float32) + prev.to(tl.float32)
+    tl.store(o_ptrs, to_bf16(o, EMU), mask=m_mask[:, None])
     if HAS_LSE:
         lse2 = m_i + tl.math.log2(l_i)
         if QUANT:
-            lse2 = lse2 - 8.807354922057604
+            if LAZY:
+                lse2 = lse2 - 6.807354922057604
+            else:
+                lse2 = lse2 - 8.807354922057604
             if HAS_KM:   # undo the K smoothing: + (sm*log2e) q.km, from the dequantized q
                 km = tl.load(KM + pid_bh * D + offs_d)
                 lse2 += tl.sum(q.to(tl.float32) * km[None, :], 1) * qs
         tl.store(LSE + pid_bh * Sq + offs_m, lse2 * 0.6931471805599453, mask=m_mask)
 
 
-_attn_tuned = triton.autotune(configs=ATTN_CONFIGS, key=["Sk", "H", "QUANT", "HAS_LSE", "ACCUM"],
+@triton.jit
+def _attn2_fwd(Q, QS, O, K1, V1, KS1, VS1, K2, V2, KS2, VS2,
+               sq_b, sq_s, sq_h, so_b, so_s, so_h,
+               sk1_b, sk1_s, sk1_h, sv1_b, sv1_h, sv1_s, sv1_d, sk2_b, sk2_s, sk2_h, sv2_b, sv2_h, sv2_s, sv2_d,
+               H, Sq, Sk1, Sk2, qk_scale,
+               QUANT: tl.constexpr, EMU: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """Cross-attention: two separate softmaxes of the same q tile (text keys, image keys), summed in
+    the epilogue as bf16(o1) + bf16(o2) -> bf16 like the reference; q is loaded and out stored once."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = tl.arange(0, BN)
+    offs_d = tl.arange(0, D)
+    m_mask = offs_m < Sq
+    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_s + offs_d[None, :], mask=m_mask[:, None], other=0)
+    if QUANT:
+        qs = tl.load(QS + pid_bh * Sq + offs_m, mask=m_mask, other=1.0)
+    else:
+        qs = qk_scale
+    acc, m_i, l_i = _attn_loop(q, qs, K1 + b * sk1_b + h * sk1_h, sk1_s, KS1 + pid_bh * Sk1,
+                               V1 + b * sv1_b + h * sv1_h, sv1_s, sv1_d, Sk1, offs_n, offs_d,
+                               QUANT, EMU, False, BM, D, BN)
+    if QUANT:
+        acc = acc * tl.load(VS1 + pid_bh * D + offs_d)[None, :]
+    o = to_bf16(acc / l_i[:, None], EMU).to(tl.float32)
+    acc, m_i, l_i = _attn_loop(q, qs, K2 + b * sk2_b + h * sk2_h, sk2_s, KS2 + pid_bh * Sk2,
+                               V2 + b * sv2_b + h * sv2_h, sv2_s, sv2_d, Sk2, offs_n, offs_d,
+                               QUANT, EMU, False, BM, D, BN)
+    if QUANT:
+        acc = acc * tl.load(VS2 + pid_bh * D + offs_d)[None, :]
+    o = o + to_bf16(acc / l_i[:, None], EMU).to(tl.float32)
+    tl.store(O + b * so_b + h * so_h + offs_m[:, None] * so_s + offs_d[None, :], to_bf16(o, EMU), mask=m_mask[:, None])
+
+
+_attn_tuned = triton.autotune(configs=ATTN_CONFIGS, key=["Sk", "H", "QUANT", "HAS_LSE", "ACCUM", "LAZY"],
                               restore_value=["O"])(_attn_fwd)
 
 
@@ -225,7 +305,7 @@ def _quant_v_kernel(X, XS, VT, VS, PART, S, H, row0, n_blk0, sx_b, sx_s, sx_h, s
     x = tl.load(X + b * sx_b + h * sx_h + offs_t[:, None] * sx_s + offs_d[None, :], mask=mask[:, None], other=0.0)
     if HAS_XS:   # fp8 cache rows: x = bf16(q) * bf16(s)  (shared/SPEC.md 4.6)
         xs = tl.load(XS + b * sxs_b + offs_t * H + h, mask=mask, other=0.0)  # scale rows [B, S, H, 1]
-        x = (x.to(tl.bfloat16).to(tl.float32) * xs.to(tl.bfloat16).to(tl.float32)).to(tl.bfloat16)
+        x = to_bf16(x.to(tl.float32) * to_bf16(xs, EMU).to(tl.float32)[:, None], EMU)
     x = x.to(tl.float32)
     if PHASE == 0:
         nb = tl.num_programs(2)
@@ -282,7 +362,7 @@ class VSource:
         self.x, self.scale = x, scale
 
 
-def quantize_v(sources, bt: int = 32):
+def quantize_v(sources, bt: int = 128, num_warps: int = 4):
     """Concatenate the V sources along the key axis and quantize to e4m3 with per-(batch, head,
     channel) scales: returns (vT e4m3 [B, H, D, pad16(Sk)], vscale fp32 [B, H, D])."""
     if isinstance(sources, torch.Tensor):
@@ -305,7 +385,8 @@ def quantize_v(sources, bt: int = 32):
                 _quant_v_kernel[(nb, h, b)](x, xs, vt, vs if phase else part, part, s, h, row0, blk0,
                                             x.stride(0), x.stride(1), x.stride(2), xs.stride(0),
                                             vt.stride(0), vt.stride(1), vt.stride(2),
-                                            HAS_XS=src.scale is not None, PHASE=phase, EMU=INTERPRET, D=d, BT=bt)
+                                            HAS_XS=src.scale is not None, PHASE=phase, EMU=INTERPRET, D=d, BT=bt,
+                                            num_warps=num_warps)
             row0 += s
             blk0 += nb
     return vt, vs
@@ -336,7 +417,7 @@ def quantize_q(q: torch.Tensor):
     return quantize_int8(q, None, factor=LOG2E / math.sqrt(q.shape[-1]))
 
 
-def _launch(q, qs, kq, ks, vv, vs, km, out, lse, sq, sk, h, quant, accum, v_strides, autotune):
+def _launch(q, qs, kq, ks, vv, vs, km, out, lse, sq, sk, h, quant, accum, v_strides, autotune, lazy=False):
     b = q.shape[0]
     has_lse = lse is not None
     args = (q, kq, vv, qs if quant else out, ks if quant else out, vs if quant else out,
@@ -344,42 +425,80 @@ def _launch(q, qs, kq, ks, vv, vs, km, out, lse, sq, sk, h, quant, accum, v_stri
             q.stride(0), q.stride(1), q.stride(2), kq.stride(0), kq.stride(1), kq.stride(2),
             *v_strides, out.stride(0), out.stride(1), out.stride(2),
             h, sq, sk, LOG2E / math.sqrt(HEAD_DIM))
-    flags = dict(QUANT=quant, HAS_LSE=has_lse, HAS_KM=km is not None, ACCUM=accum, EMU=INTERPRET, D=HEAD_DIM)
+    flags = dict(QUANT=quant, HAS_LSE=has_lse, HAS_KM=km is not None, ACCUM=accum, LAZY=lazy and quant,
+                 EMU=INTERPRET, D=HEAD_DIM)
     if autotune and q.is_cuda and sk > 1024:
         grid = lambda meta: (triton.cdiv(sq, meta["BM"]), b * h)
         _attn_tuned[grid](*args, **flags)
     else:
-        bm = 64 if q.is_cuda else 16
-        bn = min(128, max(16, triton.next_power_of_2(sk))) if q.is_cuda else min(32, max(16, triton.next_power_of_2(sk)))
+        bm = 64    # (CPU interpreter: its cost is per program and per block, so large tiles there too)
+        bn = min(128 if q.is_cuda else 64, max(32 if quant else 16, triton.next_power_of_2(sk)))  # fp8 dot: K >= 32
         _attn_fwd[(triton.cdiv(sq, bm), b * h)](*args, **flags, BM=bm, BN=bn, num_warps=4, num_stages=3)
 
 
 def attention_quant_prepared(q8, q_scale, kv: QuantKV, out: torch.Tensor | None = None, return_lse: bool = False,
-                             accumulate: bool = False, autotune: bool = True):
+                             accumulate: bool = False, autotune: bool = True, lse: torch.Tensor | None = None,
+                             lazy: bool = LAZY_RESCALE):
     """Quantized attention on prepared inputs: q8 int8 [B, Sq, H, D] + q_scale [B, H, Sq] (log2 units),
     kv from quantize_kv (or the self-attention producers).  out [B, Sq, H, D] bf16 is allocated if None;
-    with accumulate=True the result is added to it.  Returns out or (out, lse [B, H, Sq] natural log)."""
+    with accumulate=True the result is added to it.  Returns out or (out, lse [B, H, Sq] natural log;
+    written into `lse` if given)."""
     b, sq, h, d = q8.shape
     if out is None:
         out = torch.empty((b, sq, h, d), dtype=torch.bfloat16, device=q8.device)
-    lse = torch.empty((b, h, sq), dtype=torch.float32, device=q8.device) if return_lse else None
+    if return_lse and lse is None:
+        lse = torch.empty((b, h, sq), dtype=torch.float32, device=q8.device)
     vt = kv.vt
-    _launch(q8, q_scale, kv.k8, kv.k_scale, vt, kv.v_scale, kv.km if return_lse else None, out, lse, sq, kv.sk, h,
-            True, accumulate, (vt.stride(0), vt.stride(1), 1, vt.stride(2)), autotune)
+    _launch(q8, q_scale, kv.k8, kv.k_scale, vt, kv.v_scale, kv.km if return_lse else None, out,
+            lse if return_lse else None, sq, kv.sk, h,
+            True, accumulate, (vt.stride(0), vt.stride(1), 1, vt.stride(2)), autotune, lazy)
     return (out, lse) if return_lse else out
 
 
 def attention_bf16(q, k, v, out: torch.Tensor | None = None, return_lse: bool = False, accumulate: bool = False,
-                   autotune: bool = True):
+                   autotune: bool = True, lse: torch.Tensor | None = None):
     """bf16 attention, q [B, Sq, H, D], k, v [B, Sk, H, D] (same API as `attention`)."""
     _check_qkv(q, k, v)
     b, sq, h, d = q.shape
     if out is None:
         out = torch.empty((b, sq, h, d), dtype=q.dtype, device=q.device)
-    lse = torch.empty((b, h, sq), dtype=torch.float32, device=q.device) if return_lse else None
-    _launch(q, None, k, None, v, None, None, out, lse, sq, k.shape[1], h, False, accumulate,
+    if return_lse and lse is None:
+        lse = torch.empty((b, h, sq), dtype=torch.float32, device=q.device)
+    _launch(q, None, k, None, v, None, None, out, lse if return_lse else None, sq, k.shape[1], h, False, accumulate,
             (v.stride(0), v.stride(2), v.stride(1), 1), autotune)
     return (out, lse) if return_lse else out
+
+
+def cross_attention2(q, pair1, pair2, quantized: bool = True, q_prepared=None, out: torch.Tensor | None = None):
+    """Sum of two separate softmax attentions of q [B, Sq, H, D] over pair1 and pair2, in one kernel.
+    quantized: pairs are QuantKV (from quantize_kv) and q_prepared = quantize_q(q) may be passed;
+    bf16: pairs are (k, v) tensors [B, Sk_i, H, D].  Returns bf16 [B, Sq, H, D]."""
+    b, sq, h, d = q.shape
+    if out is None:
+        out = torch.empty((b, sq, h, d), dtype=torch.bfloat16, device=q.device)
+    if quantized:
+        q8, qs = q_prepared if q_prepared is not None else quantize_q(q)
+        sets = [(kv.k8, kv.k_scale, kv.vt, kv.v_scale, kv.sk, (kv.vt.stride(0), kv.vt.stride(1), 1, kv.vt.stride(2)))
+                for kv in (pair1, pair2)]
+    else:
+        for k, v in (pair1, pair2):
+            _check_qkv(q, k, v)
+        q8, qs = q, out
+        sets = [(k, out, v, out, k.shape[1], (v.stride(0), v.stride(2), v.stride(1), 1)) for k, v in (pair1, pair2)]
+    args = []
+    for kq, ks, vv, vs, _, _ in sets:
+        args += [kq, vv, ks, vs]
+    strides = []
+    for kq, _, _, _, _, vst in sets:
+        strides += [kq.stride(0), kq.stride(1), kq.stride(2), *vst]
+    sk_min = min(st[4] for st in sets)
+    bm = 64
+    bn = min(128 if q.is_cuda else 64, max(32 if quantized else 16, triton.next_power_of_2(sk_min)))
+    _attn2_fwd[(triton.cdiv(sq, bm), b * h)](
+        q8, qs, out, *args, q8.stride(0), q8.stride(1), q8.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        *strides, h, sq, sets[0][4], sets[1][4], LOG2E / math.sqrt(HEAD_DIM),
+        QUANT=quantized, EMU=INTERPRET, D=HEAD_DIM, BM=bm, BN=bn, num_warps=4, num_stages=3)
+    return out
 
 
 def attention(q, k, v, quantized: bool = True, return_lse: bool = False, autotune: bool = True):

@@ -19,16 +19,25 @@ Kernel (KERNELS.md 1.4): grid = min(#SMs, #tiles) programs, each loops over outp
 leaves through a TMA store (clipped at the edges).  W is used as `w.T` (K-major B operand of wgmma).
 
 Accumulation (KERNELS.md 1.1, 7.1): Hopper's fp8 wgmma accumulates in ~FP22.  Default ACCURATE:
-`tl.dot(a, w.T, acc, max_num_imprecise_acc=BLOCK_K)` promotes to fp32 once per K tile (BLOCK_K = 128,
-as DeepSeek-V3).  `fast_accum=True` accumulates all of K inside the tensor core (faster, ~2e-3 extra rel. error
+`tl.dot(a, w.T, acc, max_num_imprecise_acc=PROMOTE)` promotes the tensor-core partial sum to the fp32
+accumulator every PROMOTE = min(BLOCK_K, 128) products (as DeepSeek-V3).  `fast_accum=True` accumulates all of K inside the tensor core (faster, ~2e-3 extra rel. error
 measured at K=5120); compare it with `torch._scaled_mm(use_fast_accum=True)`.
 
-Autotune configs (GPU; key M, N, K, epilogue, accumulation):
-    BM x BN x BK   stages warps
-    128 x 256 x 128  3   8       (fast acc best in KERNELS.md section 0)
-    256 x 128 x 128  3   8       (precise acc best)
-    128 x 128 x 128  4   8
-Interpreter (CPU tests): one fixed config, 32 x 32 x 32, 3 persistent programs (or `config=` given).
+Autotune configs (GPU; key M, N, K, epilogue, accumulation; all 8 warps, BK 128, GROUP_M 8):
+    accurate  256x128 s3 | 256x128 s3 warp-specialized (plain epilogue only) | 256x128 s3/s4 C-subtiled | 128x128 s4
+    fast      128x256 s3 | 128x256 s3 warp-specialized (plain epilogue only) | 128x256 s4 C-subtiled    | 128x128 s4
+C-subtiled = the C tile leaves as two TMA stores of BN/2 columns (half the shared memory): the residual epilogues
+only fit with it at 256x128 (the compiler needs ~64 KB of layout-conversion scratch for them).
+Measured on the H100 (see bench/NOTES.md), 4 large shapes: explicit best configs (--sweep) accurate 1013-1067
+TFLOP/s = 0.95-1.01x _scaled_mm row-wise (default accumulation), fast 1238-1344 = 0.96-1.01x
+_scaled_mm(use_fast_accum=True); autotuned default path (bench run): accurate 951-1028 TFLOP/s = 0.94-1.00x
+_scaled_mm, 1.36-1.46x cuBLAS bf16; fast 1232-1270 = 0.98-1.06x _scaled_mm fast.  Fused epilogues: +gelu /
++gated residual 885-962 TFLOP/s, 1.06-1.25x the unfused torch path (_scaled_mm + elementwise).  Small M
+(257 x 768 -> 10240): GPU time ~11-17 us (CUDA graph) but ~100-190 us of Python per call (descriptors +
+autotuner dispatch): capture in a CUDA graph.
+Interpreter (CPU tests): one fixed config, 64 x 128 x 128, 3 persistent programs (or `config=` given);
+MANUAL (= interpreting) widens the fp8 tiles to fp32 before tl.dot (exact products, fast numpy matmul) and
+rounds to bf16 by hand (the interpreter's bf16 cast truncates).  On the GPU both are compiled out.
 
 Needs K % 16 == 0 and N * out_bytes % 16 == 0 (TMA 16-byte strides); fp8_gemm raises ValueError otherwise.
 """
@@ -41,6 +50,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from . import norm_quant
 from .norm_quant import FP8_DTYPE, FP8_MAX, SCALE_MIN, QuantAct, _round_to, interpreting
 
 EPILOGUES = {"none": 0, "gelu": 1, "gated_residual": 2, "residual": 3}
@@ -63,13 +73,14 @@ def _fp8_gemm_kernel(a_desc, w_desc, c_desc, SA, SW, BIAS, GATE, R,
                      EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, FAST_ACC: tl.constexpr,
                      MANUAL: tl.constexpr, OUT_DTYPE: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr):
+                     GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, SUBTILE: tl.constexpr = False,
+                     WARP_SPEC: tl.constexpr = False, PROMOTE: tl.constexpr = 128):
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
     num_tiles = num_pid_m * num_pid_n
-    for tile_id in tl.range(pid, num_tiles, NUM_SMS, flatten=True):
+    for tile_id in tl.range(pid, num_tiles, NUM_SMS, flatten=True, warp_specialize=WARP_SPEC):
         pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
@@ -78,10 +89,13 @@ def _fp8_gemm_kernel(a_desc, w_desc, c_desc, SA, SW, BIAS, GATE, R,
             off_k = ki * BLOCK_K
             a = a_desc.load([off_m, off_k])
             w = w_desc.load([off_n, off_k])
+            if MANUAL:  # interpreter only: numpy's fp16 matmul is ~50x slower than fp32; products are exact either way
+                a = a.to(tl.float32)
+                w = w.to(tl.float32)
             if FAST_ACC:
                 acc = tl.dot(a, w.T, acc)
             else:
-                acc = tl.dot(a, w.T, acc, max_num_imprecise_acc=BLOCK_K)
+                acc = tl.dot(a, w.T, acc, max_num_imprecise_acc=PROMOTE)
 
         # ---- epilogue, fp32 in registers
         rm = off_m + tl.arange(0, BLOCK_M)
@@ -96,7 +110,7 @@ def _fp8_gemm_kernel(a_desc, w_desc, c_desc, SA, SW, BIAS, GATE, R,
         if EPILOGUE == 1:  # GELU(tanh) of the rounded linear output: x * sigmoid(2u)
             y = _round_to(y, OUT_DTYPE, MANUAL)
             u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
-            y = y * tl.sigmoid(2.0 * u)
+            y = y * tl.sigmoid(tl.minimum(tl.maximum(2.0 * u, -80.0), 80.0))
         elif EPILOGUE >= 2:
             y = _round_to(y, OUT_DTYPE, MANUAL)
             if EPILOGUE == 2:
@@ -108,7 +122,12 @@ def _fp8_gemm_kernel(a_desc, w_desc, c_desc, SA, SW, BIAS, GATE, R,
             r = tl.load(r_ptrs, mask=mm[:, None] & mn[None, :], other=0.0).to(tl.float32)
             y = r + y
         y = _round_to(y, OUT_DTYPE, MANUAL)
-        c_desc.store([off_m, off_n], y.to(OUT_DTYPE))
+        if SUBTILE:  # two TMA stores of BLOCK_N / 2 columns: half the shared memory for the C tile
+            y0, y1 = tl.split(tl.permute(tl.reshape(y, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            c_desc.store([off_m, off_n], y0.to(OUT_DTYPE))
+            c_desc.store([off_m, off_n + BLOCK_N // 2], y1.to(OUT_DTYPE))
+        else:
+            c_desc.store([off_m, off_n], y.to(OUT_DTYPE))
 
 
 # --------------------------------------------------------------------------------------------- host
@@ -116,18 +135,33 @@ def _set_blocks(nargs):
     bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
     nargs["a_desc"].block_shape = [bm, bk]
     nargs["w_desc"].block_shape = [bn, bk]
-    nargs["c_desc"].block_shape = [bm, bn]
+    nargs["c_desc"].block_shape = [bm, bn // 2 if nargs.get("SUBTILE") else bn]
 
 
-def _cfg(bm, bn, bk, stages, warps):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                         num_stages=stages, num_warps=warps, pre_hook=_set_blocks)
+def _cfg(bm, bn, bk, stages, warps, subtile=False, ws=False):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "SUBTILE": subtile,
+                          "WARP_SPEC": ws, "PROMOTE": min(bk, 128)}, num_stages=stages, num_warps=warps,
+                         pre_hook=_set_blocks)
 
 
-GPU_CONFIGS = [_cfg(128, 256, 128, 3, 8), _cfg(256, 128, 128, 3, 8), _cfg(128, 128, 128, 4, 8)]
-INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, NUM_SMS=3)
+# accurate accumulation: 256-row tiles keep the extra partial-sum registers affordable (sweep: 1013-1067 TF/s)
+ACC_CONFIGS = [_cfg(256, 128, 128, 3, 8), _cfg(256, 128, 128, 3, 8, ws=True), _cfg(256, 128, 128, 3, 8, subtile=True),
+               _cfg(256, 128, 128, 4, 8, subtile=True), _cfg(128, 128, 128, 4, 8)]
+# fast accumulation (sweep: 1238-1344 TF/s)
+FAST_CONFIGS = [_cfg(128, 256, 128, 3, 8), _cfg(128, 256, 128, 3, 8, ws=True), _cfg(128, 256, 128, 4, 8, subtile=True),
+                _cfg(128, 128, 128, 4, 8)]
+INTERPRET_CONFIG = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=2, NUM_SMS=3)
 
-_autotuned = triton.autotune(GPU_CONFIGS, key=["M", "N", "K", "EPILOGUE", "HAS_BIAS", "FAST_ACC"])(_fp8_gemm_kernel)
+
+def _prune(configs, named_args, **kw):
+    """Configs of the requested accumulation kind; warp specialization only with the plain epilogue (it was
+    only measured there; autoWS has crashed the compiler on other loops, KERNELS.md 0)."""
+    pool = FAST_CONFIGS if kw.get("FAST_ACC") else ACC_CONFIGS
+    return [c for c in configs if c in pool and (kw.get("EPILOGUE", 0) == 0 or not c.kwargs["WARP_SPEC"])]
+
+
+_autotuned = triton.autotune(ACC_CONFIGS + FAST_CONFIGS, key=["M", "N", "K", "EPILOGUE", "HAS_BIAS", "FAST_ACC"],
+                             prune_configs_by={"early_config_prune": _prune})(_fp8_gemm_kernel)
 _num_sms = {}
 
 
@@ -152,9 +186,9 @@ def fp8_gemm(a, a_scale: Optional[torch.Tensor], w: torch.Tensor, w_scale: torch
     residual [M, N] (epilogues residual / gated_residual; out may alias it); gate [N]; skip_rows rows of
     every rows_per_batch (default M) get no update in the residual epilogue.  out dtype: out_dtype, else
     the residual's dtype, else the QuantAct's dtype, else bf16."""
+    act_dtype = None
     if isinstance(a, QuantAct):
-        if out_dtype is None and residual is None:
-            out_dtype = a.dtype
+        act_dtype = a.dtype
         a, a_scale = a.data.reshape(-1, a.data.shape[-1]), a.scale.reshape(-1)
     if epilogue not in EPILOGUES:
         raise ValueError(f"epilogue must be one of {sorted(EPILOGUES)}, got {epilogue!r}")
@@ -178,7 +212,7 @@ def fp8_gemm(a, a_scale: Optional[torch.Tensor], w: torch.Tensor, w_scale: torch
             residual = residual.contiguous()
     if epilogue == "gated_residual" and (gate is None or gate.numel() != n):
         raise ValueError(f"epilogue 'gated_residual' needs a gate of {n} channels (per-token gates: use the reference)")
-    out_dtype = out_dtype or (residual.dtype if needs_res else torch.bfloat16)
+    out_dtype = out_dtype or (residual.dtype if needs_res else (act_dtype or torch.bfloat16))
     if out_dtype not in _TL_DTYPES:
         raise ValueError(f"out_dtype must be bf16, fp16 or fp32, got {out_dtype}")
     if (n * torch.tensor([], dtype=out_dtype).element_size()) % 16:
@@ -188,7 +222,7 @@ def fp8_gemm(a, a_scale: Optional[torch.Tensor], w: torch.Tensor, w_scale: torch
     if w.stride(1) != 1 or (w.stride(0) % 16):
         w = w.contiguous()
     if out is None:
-        out = torch.empty((m, n), dtype=out_dtype, device=a.device)
+        out = norm_quant._alloc((m, n), out_dtype, a.device)
     elif out.shape != (m, n) or out.dtype != out_dtype or out.stride() != (n, 1):
         raise ValueError(f"out must be a contiguous [{m}, {n}] {out_dtype} tensor")
     if m == 0:
@@ -213,12 +247,13 @@ def fp8_gemm(a, a_scale: Optional[torch.Tensor], w: torch.Tensor, w_scale: torch
         return out
     cfg = dict(INTERPRET_CONFIG if config is None else config)
     cfg.setdefault("GROUP_M", 8)
+    cfg.setdefault("PROMOTE", min(cfg["BLOCK_K"], 128))
     nsm = cfg.pop("NUM_SMS", None) or (_sms(a.device) if a.is_cuda else 4)
     launch = {key: cfg.pop(key) for key in ("num_warps", "num_stages") if key in cfg}
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     a_d = TensorDescriptor(a, [m, k], [a.stride(0), 1], [bm, bk])
     w_d = TensorDescriptor(w, [n, k], [w.stride(0), 1], [bn, bk])
-    c_d = TensorDescriptor(out, [m, n], [n, 1], [bm, bn])
+    c_d = TensorDescriptor(out, [m, n], [n, 1], [bm, bn // 2 if cfg.get("SUBTILE") else bn])
     grid = (min(nsm, triton.cdiv(m, bm) * triton.cdiv(n, bn)),)
     _fp8_gemm_kernel[grid](a_d, w_d, c_d, NUM_SMS=nsm, **args, **cfg, **launch)
     return out

@@ -5,8 +5,11 @@ Tests marked `gpu` need CUDA and run on the device machine (`pytest -m gpu`).
 """
 import os
 
-import pytest
-import torch
+# The interpreter's tl.dot is numpy matmul: OpenBLAS threads thrash on a 2-core machine (~100x slower).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:

@@ -19,6 +19,8 @@ def add_ops_arguments(p: argparse.ArgumentParser):
     p.add_argument("--fp8-attention", dest="fp8_attention", action="store_true", default=None,
                    help="INT8/FP8 attention (with --ops triton; Hopper+)")
     p.add_argument("--no-fp8-attention", dest="fp8_attention", action="store_false")
+    p.add_argument("--fast-accum", action="store_true",
+                   help="FP8 GEMMs accumulate inside the tensor core (faster, less accurate; default: precise)")
     p.add_argument("--precision-policy", default=None, metavar="JSON",
                    help="per-layer FP8/bf16 policy written by `liveact calibrate`")
 
@@ -31,8 +33,14 @@ def make_ops(args, device):
         from ..kernels.ops import make_triton_ops
     except ImportError as e:
         raise SystemExit(f"error: --ops triton is not available in this build ({e}); use --ops reference") from None
+    # the bf16 copies of FP8 layers are dropped after quantization (as published): ~17 GiB back for KV caches
     return make_triton_ops(device=device, fp8_gemm=args.fp8_gemm, fp8_attention=args.fp8_attention,
-                           policy=args.precision_policy)
+                           policy=args.precision_policy, fast_accum=getattr(args, "fast_accum", False),
+                           discard_bf16=True)
+
+
+def uses_fp8_weights(args) -> bool:
+    return getattr(args, "ops", "reference") == "triton" and args.fp8_gemm is not False
 
 
 def ops_description(ops) -> str:

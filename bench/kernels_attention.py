@@ -1,0 +1,270 @@
+"""Benchmark of the attention-side kernels at the LiveAct shapes (one 8-frame chunk, 416x720).
+
+    python -m liveact.bench.kernels_attention          (needs CUDA)
+
+Rows: {"kernel", "shape", "impl", "ms", "tflops", "tbps", "ratio", "cos", "rel_l1"}.
+- self-attention 9360 q x 16380 k, 40 heads x 128 (FLOPs 4*Sq*Sk*H*D): ours int8/fp8 (kernel alone on
+  prepared inputs, and end to end with quantization), ours bf16, SDPA bf16 default backend, and
+  sageattention 1.0.6 when importable; ratio = vs SDPA; cos / rel_l1 (sum|o-r| / sum|r|) vs an fp32
+  reference on 2 heads.  Keys carry per-channel offsets and a few outlier channels, like a DiT's.
+- producers: qk_prep (RMSNorm+RoPE+int8 q+cache write), rope_keys, quantize_v, ConvKV update:
+  TB/s on the bytes they must move; ratio = vs a device-to-device copy measured in the same run.
+- cross-attention (q vs 257 image + 512 text keys, two softmaxes summed) and audio attention
+  (8 frames x 1170 q vs 32 keys): ours vs SDPA; ratio = SDPA time / ours.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+SQ, SK, H, D, FL = 9360, 16380, 40, 128, 1170
+
+
+def _bench(fn, quick):
+    import triton
+    return triton.testing.do_bench(fn, warmup=5 if quick else 25, rep=20 if quick else 100, return_mode="median")
+
+
+def _metrics(o, r):
+    o, r = o.double().flatten(), r.double().flatten()
+    cos = F.cosine_similarity(o, r, dim=0).item()
+    return cos, ((o - r).abs().sum() / r.abs().sum()).item()
+
+
+def _keys(shape, device, gen):
+    """DiT-like keys: N(0,1) + per-channel offset N(0, 1) + 4 outlier channels per head of size ~8."""
+    k = torch.randn(shape, device=device, generator=gen)
+    k += torch.randn(shape[2:], device=device, generator=gen)
+    k[..., :4] += 8.0 * torch.randn(shape[2], 4, device=device, generator=gen)
+    return k.bfloat16()
+
+
+def _ref_fp32(q, k, v, heads=2):
+    """fp32 reference on the first `heads` heads: [B, Sq, heads, D]."""
+    outs = []
+    for h in range(heads):
+        qh, kh, vh = q[0, :, h].float(), k[0, :, h].float(), v[0, :, h].float()
+        p = torch.softmax((qh @ kh.T) / math.sqrt(D), dim=-1)
+        outs.append(p @ vh)
+    return torch.stack(outs, dim=1)[None]
+
+
+def _row(kernel, shape, impl, ms, flops=None, nbytes=None, ratio=None, cos=None, rel_l1=None):
+    return {"kernel": kernel, "shape": shape, "impl": impl, "ms": ms,
+            "tflops": flops / ms / 1e9 if flops else None, "tbps": nbytes / ms / 1e9 if nbytes else None,
+            "ratio": ratio, "cos": cos, "rel_l1": rel_l1}
+
+
+def run(device="cuda", quick=False) -> list[dict]:
+    from ..kernels import attention as A
+    from ..kernels import convkv as C
+    from ..kernels import qk_prep as P
+    from ..model.rope import Rope3D
+
+    rows = []
+    gen = torch.Generator(device=device).manual_seed(0)
+    sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v)  # [B, H, S, D]
+
+    # ---------------------------------------------------------------- self-attention
+    sq, sk = (SQ, SK) if not quick else (2048, 4096)
+    shape = f"{sq}x{sk} h{H} d{D}"
+    q = torch.randn((1, sq, H, D), device=device, generator=gen).bfloat16()
+    k = _keys((1, sk, H, D), device, gen)
+    v = torch.randn((1, sk, H, D), device=device, generator=gen).bfloat16()
+    ref = _ref_fp32(q, k, v)
+    flops = 4 * sq * sk * H * D
+    qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    ms_sdpa = _bench(lambda: sdpa(qt, kt, vt), quick)
+    o = sdpa(qt, kt, vt).transpose(1, 2)
+    rows.append(_row("self_attn", shape, "sdpa-bf16", ms_sdpa, flops, ratio=1.0, cos=_metrics(o[:, :, :2], ref)[0],
+                     rel_l1=_metrics(o[:, :, :2], ref)[1]))
+    q8, qs = A.quantize_q(q)
+    kv = A.quantize_kv(k, v)
+    o = A.attention_quant_prepared(q8, qs, kv)
+    c, r = _metrics(o[:, :, :2], ref)
+    ms = _bench(lambda: A.attention_quant_prepared(q8, qs, kv), quick)
+    rows.append(_row("self_attn", shape, "ours-int8fp8 kernel", ms, flops, ratio=ms_sdpa / ms, cos=c, rel_l1=r))
+    o = A.attention_quant_prepared(q8, qs, kv, lazy=True)
+    c2, r2 = _metrics(o[:, :, :2], ref)
+    ms = _bench(lambda: A.attention_quant_prepared(q8, qs, kv, lazy=True), quick)
+    rows.append(_row("self_attn", shape, "ours-int8fp8 kernel lazy-rescale", ms, flops, ratio=ms_sdpa / ms, cos=c2,
+                     rel_l1=r2))
+    ms = _bench(lambda: A.attention(q, k, v, quantized=True), quick)
+    rows.append(_row("self_attn", shape, "ours-int8fp8 +quant", ms, flops, ratio=ms_sdpa / ms, cos=c, rel_l1=r))
+    o = A.attention(q, k, v, quantized=False)
+    c, r = _metrics(o[:, :, :2], ref)
+    ms = _bench(lambda: A.attention(q, k, v, quantized=False), quick)
+    rows.append(_row("self_attn", shape, "ours-bf16", ms, flops, ratio=ms_sdpa / ms, cos=c, rel_l1=r))
+    o, lse = A.attention(q, k, v, quantized=True, return_lse=True)
+    s = (q[0, :, :2].float().transpose(0, 1) @ k[0, :, :2].float().permute(1, 2, 0)) / math.sqrt(D)
+    lse_err = (lse[0, :2] - torch.logsumexp(s, -1)).abs().max().item()
+    rows.append(_row("self_attn_lse", shape, "ours-int8fp8 max|lse err|", None, cos=None, rel_l1=lse_err))
+    del s
+    try:
+        from sageattention import sageattn
+        o = sageattn(qt, kt, vt, tensor_layout="HND", is_causal=False).transpose(1, 2)
+        c, r = _metrics(o[:, :, :2], ref)
+        ms = _bench(lambda: sageattn(qt, kt, vt, tensor_layout="HND", is_causal=False), quick)
+        rows.append(_row("self_attn", shape, "sageattention", ms, flops, ratio=ms_sdpa / ms, cos=c, rel_l1=r))
+    except Exception as e:  # not installed (or failed): say so in the table
+        rows.append(_row("self_attn", shape, f"sageattention n/a ({type(e).__name__})", None))
+    del qt, kt, vt, ref
+
+    # ---------------------------------------------------------------- copy bandwidth
+    nb = 1 << 30
+    src = torch.empty(nb // 2, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    ms = _bench(lambda: dst.copy_(src), quick)
+    copy_tbps = 2 * nb / ms / 1e9
+    rows.append(_row("copy", "1 GiB", "torch copy_", ms, nbytes=2 * nb, ratio=1.0))
+    del src, dst
+
+    # ---------------------------------------------------------------- producers
+    l, n = 8 * FL, 14 * FL
+    rope = Rope3D(45, 26).to(device)
+    cos, sin = (t.contiguous() for t in rope.cos_sin())
+    qx, kx, vx = (torch.randn((1, l, H, D), device=device, generator=gen).bfloat16() for _ in range(3))
+    w = (1 + 0.1 * torch.randn(H * D, device=device, generator=gen)).bfloat16()
+    cache_k = torch.randn((1, n, H, D), device=device, generator=gen).bfloat16()
+    cache_v = torch.randn((1, n, H, D), device=device, generator=gen).bfloat16()
+    e = l * H * D
+    fn = lambda: P.qk_prep(qx, kx, vx, w, w, 1e-6, cos, sin, 6 * FL, cache_k[:, 6 * FL:], cache_v[:, 6 * FL:])
+    ms = _bench(fn, quick)
+    by = e * (6 + 1 + 2 + 2) + l * H * 4 + l * D * 8     # read q,k,v; write q8, kn, v; q scales; cos/sin
+    rows.append(_row("qk_prep", f"{l}x{H}x{D}", "ours", ms, nbytes=by, ratio=by / ms / 1e9 / copy_tbps))
+    fn = lambda: P.rope_keys([P.KSource(cache_k)], cos, sin, quantize=True)
+    ms = _bench(fn, quick)
+    by = rk_by = n * H * D * (2 + 2 + 1) + n * H * 4 + 2 * n * D * 8
+    rows.append(_row("rope_keys", f"{n}x{H}x{D}", "ours (2 phases)", ms, nbytes=by, ratio=by / ms / 1e9 / copy_tbps))
+    by = n * H * D * (2 + 2 + 1)
+    for bt, nw in ((128, 8), (64, 4), (32, 4), (128, 4)):
+        ms = _bench(lambda: A.quantize_v(cache_v, bt=bt, num_warps=nw), quick)
+        rows.append(_row("quantize_v", f"{n}x{H}x{D}", f"ours (2 phases) BT={bt} w{nw}", ms, nbytes=by,
+                         ratio=by / ms / 1e9 / copy_tbps))
+    for bt in (16, 64):
+        ms = _bench(lambda: P.rope_keys([P.KSource(cache_k)], cos, sin, quantize=True, bt=bt), quick)
+        rows.append(_row("rope_keys", f"{n}x{H}x{D}", f"ours (2 phases) BT={bt}", ms, nbytes=rk_by,
+                         ratio=rk_by / ms / 1e9 / copy_tbps))
+    wconv = (0.2 + 0.05 * torch.randn(H * D, 1, 5, device=device, generator=gen)).bfloat16()
+    fn = lambda: C.kv_memory_update(cache_k, cache_v, None, None, wconv, FL)
+    ms = _bench(fn, quick)
+    by = 2 * (10 + 4) * FL * H * D * 2     # K and V: read 10 slots, write 4 (the minimum traffic)
+    rows.append(_row("convkv_update", f"{n}x{H}x{D} bf16 K+V", "ours", ms, nbytes=by, ratio=by / ms / 1e9 / copy_tbps))
+    ks8 = cache_k.to(torch.float8_e4m3fn)
+    vs8 = cache_v.to(torch.float8_e4m3fn)
+    ksc = torch.rand((1, n, H, 1), device=device) + 0.01
+    vsc = torch.rand((1, n, H, 1), device=device) + 0.01
+    fn = lambda: C.kv_memory_update(ks8, vs8, ksc, vsc, wconv, FL)
+    ms = _bench(fn, quick)
+    by = 2 * (10 + 4) * FL * H * (D + 4)
+    rows.append(_row("convkv_update", f"{n}x{H}x{D} fp8 K+V", "ours", ms, nbytes=by, ratio=by / ms / 1e9 / copy_tbps))
+    scratch8 = torch.empty((1, FL, H, D), dtype=torch.float8_e4m3fn, device=device)
+    scratch_s = torch.empty((1, FL, H, 1), dtype=torch.float32, device=device)
+    ms = _bench(lambda: C.convkv_compress(ks8, ksc, wconv, scratch8, scratch_s, 2 * FL, 0, FL), quick)
+    by = 6 * FL * H * (D + 4)
+    rows.append(_row("convkv_compress", f"5x{FL} -> {FL} fp8 (one tensor)", "ours", ms, nbytes=by,
+                     ratio=by / ms / 1e9 / copy_tbps))
+    ms = _bench(lambda: ks8[:, 4 * FL:6 * FL].copy_(ks8[:, 12 * FL:14 * FL]), quick)
+    by = 2 * 2 * FL * H * D
+    rows.append(_row("fp8 slot copy", f"2x{FL}", "torch copy_", ms, nbytes=by, ratio=by / ms / 1e9 / copy_tbps))
+    del cache_k, cache_v, ks8, vs8
+
+    # ---------------------------------------------------------------- the self_attention op end to end
+    from ..kernels.attention_ops import TritonAttentionOps
+    from ..model.ops import ReferenceOps
+    qx8, kx8, vx8 = (torch.randn((1, l, H, D), device=device, generator=gen).bfloat16() for _ in range(3))
+    kx8 += torch.randn((H, D), device=device, generator=gen).bfloat16()
+    flops = 4 * l * n * H * D
+    k_init = _keys((1, n, H, D), device, gen)
+    v_init = torch.randn((1, n, H, D), device=device, generator=gen).bfloat16()
+    res = {}
+    for name, ops in (("reference (SDPA + fp64 RoPE)", ReferenceOps()), ("ours-int8fp8", TritonAttentionOps(True)),
+                      ("ours-bf16", TritonAttentionOps(False))):
+        for fp8 in (False, True):
+            kvc = ops.alloc_kv(1, n, H, D, torch.bfloat16, device, fp8=fp8)
+            ops.kv_write(kvc, 0, k_init, v_init)
+            fn = lambda: ops.self_attention(qx8, kx8, vx8, w, w, 1e-6, kvc, rope, 6, 6 * FL)
+            o = fn()
+            res[(name, fp8)] = o
+            ms = _bench(fn, quick)
+            c = r = None
+            if name != "reference (SDPA + fp64 RoPE)":
+                c, r = _metrics(o, res[("reference (SDPA + fp64 RoPE)", fp8)])
+            if name.startswith("reference"):
+                res[("ms", fp8)] = ms
+            rows.append(_row("self_attention op", f"{l}q x {n}k, {'fp8' if fp8 else 'bf16'} cache", name, ms, flops,
+                             ratio=res[("ms", fp8)] / ms, cos=c, rel_l1=r))
+            del kvc
+
+    # ---------------------------------------------------------------- cross / audio attention
+    kimg, ktxt = _keys((1, 257, H, D), device, gen), _keys((1, 512, H, D), device, gen)
+    vimg, vtxt = (torch.randn((1, s_, H, D), device=device, generator=gen).bfloat16() for s_ in (257, 512))
+    qt = qx.transpose(1, 2)
+    pairs_t = [(ktxt.transpose(1, 2), vtxt.transpose(1, 2)), (kimg.transpose(1, 2), vimg.transpose(1, 2))]
+    ref_fn = lambda: sdpa(qt, *pairs_t[0]) + sdpa(qt, *pairs_t[1])
+    ms_ref = _bench(ref_fn, quick)
+    ref = ref_fn().transpose(1, 2)
+    flops = 4 * l * (257 + 512) * H * D
+    rows.append(_row("cross_attn", f"{l}x(512+257)", "sdpa-bf16 x2", ms_ref, flops, ratio=1.0))
+    for quant in (True, False):
+        ops = TritonAttentionOps(quantized=quant)
+        pairs = [(ktxt, vtxt), (kimg, vimg)]
+        o = ops.cross_attention(qx, pairs)
+        c, r = _metrics(o, ref)
+        ms = _bench(lambda: ops.cross_attention(qx, pairs), quick)
+        impl = "ours-int8fp8 ops (2 launches, kv memo)" if quant else "ours-bf16 ops (fused kernel)"
+        rows.append(_row("cross_attn", f"{l}x(512+257)", impl, ms, flops, ratio=ms_ref / ms, cos=c, rel_l1=r))
+    kvq = [A.quantize_kv(ktxt, vtxt), A.quantize_kv(kimg, vimg)]
+
+    def two_launches():
+        q8, qs = A.quantize_q(qx)
+        out = A.attention_quant_prepared(q8, qs, kvq[0])
+        return A.attention_quant_prepared(q8, qs, kvq[1], out=out, accumulate=True)
+    ms = _bench(lambda: A.cross_attention2(qx, kvq[0], kvq[1], quantized=True), quick)
+    rows.append(_row("cross_attn", f"{l}x(512+257)", "ours-int8fp8 fused kernel", ms, flops, ratio=ms_ref / ms))
+    ms = _bench(two_launches, quick)
+    rows.append(_row("cross_attn", f"{l}x(512+257)", "ours-int8fp8 2 launches + accumulate", ms, flops,
+                     ratio=ms_ref / ms))
+    qa = torch.randn((8, FL, H, D), device=device, generator=gen).bfloat16()
+    ka = torch.randn((8, 32, H, D), device=device, generator=gen).bfloat16()
+    va = torch.randn((8, 32, H, D), device=device, generator=gen).bfloat16()
+    qat, kat, vat = (t.transpose(1, 2) for t in (qa, ka, va))
+    ms_ref = _bench(lambda: sdpa(qat, kat, vat), quick)
+    ref = sdpa(qat, kat, vat).transpose(1, 2)
+    flops = 4 * 8 * FL * 32 * H * D
+    rows.append(_row("audio_attn", f"8x{FL}x32", "sdpa-bf16", ms_ref, flops, ratio=1.0))
+    o = A.attention_bf16(qa, ka, va)
+    c, r = _metrics(o, ref)
+    ms = _bench(lambda: A.attention_bf16(qa, ka, va), quick)
+    rows.append(_row("audio_attn", f"8x{FL}x32", "ours-bf16", ms, flops, ratio=ms_ref / ms, cos=c, rel_l1=r))
+    return rows
+
+
+def format_table(rows) -> str:
+    cols = ["kernel", "shape", "impl", "ms", "tflops", "tbps", "ratio", "cos", "rel_l1"]
+    def fmt(v, c):
+        if v is None:
+            return "-"
+        if c == "cos":
+            return f"{v:.6f}"
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+    table = [cols] + [[fmt(r.get(c), c) for c in cols] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in table)
+
+
+def main():
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/kernels_attention needs a CUDA GPU")
+    print(torch.cuda.get_device_name(), "torch", torch.__version__)
+    print(format_table(run("cuda", quick=args.quick)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,338 @@
+"""Benchmark: FP8 GEMM (kernels/fp8_gemm.py) and the norm/modulation/quantization producer (kernels/norm_quant.py).
+
+Side by side in one run, at the LiveAct shapes (M = 9360 tokens of one 8-frame chunk at 416x720):
+  gemm rows     ours (accurate accumulation, with the layer's epilogue), ours plain (accurate / fast accumulation),
+                cuBLAS bf16 (F.linear), torch._scaled_mm row-wise (default and use_fast_accum=True),
+                and the unfused torch path of the same epilogue (_scaled_mm + elementwise ops).
+                TFLOP/s = 2MNK / time; ratio = vs cuBLAS bf16; vs_scaled_mm = vs _scaled_mm of the same
+                accumulation kind.  rel_err = ||out - fp32 product of the same fp8 inputs|| / ||ref||,
+                rel_err_bf16 = vs the bf16 product of the unquantized inputs.
+  producer rows norm_modulate_quant / layer_norm_quant / quantize_rows / bf16 variant / the torch reference chain,
+                TB/s = bytes moved / time, ratio = vs a device-to-device copy of the same bytes.
+Times: triton.testing.do_bench medians on random data.
+
+    python -m liveact.bench.kernels_gemm [--quick] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = [  # (name, M, K, N, epilogue of that layer in the model)
+    ("o_proj", 9360, 5120, 5120, "gated_residual"),
+    ("ffn_up", 9360, 5120, 13824, "gelu"),
+    ("ffn_down", 9360, 13824, 5120, "gated_residual"),
+    ("qkv", 9360, 5120, 15360, "none"),
+    ("audio_kv", 257, 768, 10240, "none"),
+]
+
+
+def _rel(a, b):
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _bench(fn, quick):
+    import triton
+    return triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100)
+
+
+def _gemm_rows(name, m, k, n, epi, quick, dev):
+    from ..kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref, quantize_weight
+    from ..kernels.norm_quant import quantize_rows
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(m, k, device=dev, generator=g).bfloat16()
+    w = (torch.randn(n, k, device=dev, generator=g) / k ** 0.5).bfloat16()
+    bias = (0.1 * torch.randn(n, device=dev, generator=g)).bfloat16()
+    gate = torch.randn(n, device=dev, generator=g).bfloat16()
+    res = torch.randn(m, n, device=dev, generator=g).bfloat16()
+    qa = quantize_rows(x)
+    wq, ws = quantize_weight(w)
+    sa = qa.scale.reshape(m, 1)
+    flops = 2.0 * m * n * k
+    shape = f"{m}x{k}->{n} ({name})"
+    exact = fp8_gemm_ref(qa, None, wq, ws, bias=bias, out_dtype=torch.float32)
+    bf16 = F.linear(x, w, bias)
+    rows = []
+
+    def add(impl, fn, ref=exact, ref_bf16=bf16, kind=""):
+        try:
+            out = fn()
+            torch.cuda.synchronize()
+            ms = _bench(fn, quick)
+        except Exception as e:  # noqa: BLE001 - report the failure in the table, keep benchmarking
+            rows.append(dict(kernel="gemm", shape=shape, impl=impl, error=f"{type(e).__name__}: {e}"[:300]))
+            return
+        rows.append(dict(kernel="gemm", shape=shape, impl=impl, ms=ms, tflops=flops / ms * 1e-9, acc=kind,
+                         rel_err=_rel(out, ref) if ref is not None else None,
+                         rel_err_bf16=_rel(out, ref_bf16) if ref_bf16 is not None else None))
+
+    ek = dict(bias=bias, epilogue=epi, residual=res, gate=gate)
+    if epi != "none":
+        ref_epi = fp8_gemm_ref(qa, None, wq, ws, out_dtype=torch.float32, **{**ek, "residual": res.float(), "gate": gate.float()})
+        bf_epi = {"gelu": lambda: F.gelu(bf16, approximate="tanh"), "gated_residual": lambda: res + bf16 * gate}[epi]()
+        add(f"ours+{epi}", lambda: fp8_gemm(qa, None, wq, ws, **ek), ref=ref_epi, ref_bf16=bf_epi, kind="accurate")
+    add("ours", lambda: fp8_gemm(qa, None, wq, ws, bias=bias), kind="accurate")
+    add("ours_fast", lambda: fp8_gemm(qa, None, wq, ws, bias=bias, fast_accum=True), kind="fast")
+    add("cublas_bf16", lambda: F.linear(x, w, bias), ref=None, kind="bf16")
+    for fast in (False, True):
+        fn = lambda fast=fast: torch._scaled_mm(qa.data, wq.t(), scale_a=sa, scale_b=ws.reshape(1, n), bias=bias,
+                                               out_dtype=torch.bfloat16, use_fast_accum=fast)
+        add("scaled_mm_fast" if fast else "scaled_mm", fn, kind="fast" if fast else "accurate")
+    if epi == "gated_residual":
+        def unfused():
+            y = torch._scaled_mm(qa.data, wq.t(), scale_a=sa, scale_b=ws.reshape(1, n), bias=bias, out_dtype=torch.bfloat16)
+            return res + y * gate
+        add("torch_unfused+gated_residual", unfused, ref=ref_epi, ref_bf16=bf_epi, kind="accurate")
+    elif epi == "gelu":
+        def unfused():
+            y = torch._scaled_mm(qa.data, wq.t(), scale_a=sa, scale_b=ws.reshape(1, n), bias=bias, out_dtype=torch.bfloat16)
+            return F.gelu(y, approximate="tanh")
+        add("torch_unfused+gelu", unfused, ref=ref_epi, ref_bf16=bf_epi, kind="accurate")
+    base = {r["impl"]: r.get("ms") for r in rows}
+    for r in rows:
+        if "ms" not in r or not base.get("cublas_bf16"):
+            continue
+        r["ratio"] = base["cublas_bf16"] / r["ms"]
+        sm = base.get("scaled_mm_fast" if r["acc"] == "fast" else "scaled_mm")
+        r["vs_scaled_mm"] = sm / r["ms"] if sm and r["acc"] in ("fast", "accurate") else None
+    return rows
+
+
+def _producer_rows(quick, dev, m=9360, k=5120):
+    from ..kernels.norm_quant import layer_norm_quant, norm_modulate_quant, quantize_rows, quantize_rows_ref
+    from ..model.ops import ReferenceOps
+    g = torch.Generator(device=dev).manual_seed(1)
+    x = torch.randn(1, m, k, device=dev, generator=g).bfloat16()
+    shift = (0.1 * torch.randn(1, 1, k, device=dev, generator=g)).bfloat16()
+    scale = (0.1 * torch.randn(1, 1, k, device=dev, generator=g)).bfloat16()
+    w = (1 + 0.1 * torch.randn(k, device=dev, generator=g)).bfloat16()
+    b = (0.1 * torch.randn(k, device=dev, generator=g)).bfloat16()
+    ref = ReferenceOps()
+    quant_bytes = m * k * 2 + m * k + m * 4
+    bf16_bytes = m * k * 4
+    src = torch.empty(m * k, device=dev, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    big = torch.empty(2 ** 30, device=dev, dtype=torch.bfloat16)
+    big2 = torch.empty_like(big)
+    rows = []
+    copy_ms = _bench(lambda: dst.copy_(src), quick)
+    big_ms = _bench(lambda: big2.copy_(big), quick)
+    copy_tbps = 2 * src.numel() * 2 / copy_ms * 1e-9
+    rows.append(dict(kernel="producer", shape=f"{m}x{k}", impl="copy (same bytes as bf16->bf16)", ms=copy_ms,
+                     tbps=copy_tbps, ratio=1.0))
+    rows.append(dict(kernel="producer", shape="2 GiB", impl="copy 2 GiB", ms=big_ms,
+                     tbps=2 * big.numel() * 2 / big_ms * 1e-9, ratio=None))
+    nm_ref = ref.norm_modulate(x, shift, scale, 1e-6)
+    q_ref, s_ref = quantize_rows_ref(nm_ref)
+    deq_ref = q_ref.float() * s_ref[..., None]
+    cases = [
+        ("norm_modulate_quant", lambda: norm_modulate_quant(x, shift, scale, 1e-6), quant_bytes, "q"),
+        ("norm_modulate bf16 out", lambda: norm_modulate_quant(x, shift, scale, 1e-6, quant=False), bf16_bytes, "b"),
+        ("layer_norm_quant (affine)", lambda: layer_norm_quant(x, w, b, 1e-6), quant_bytes, None),
+        ("quantize_rows", lambda: quantize_rows(x), quant_bytes, None),
+        ("torch reference chain (norm_modulate + quantize)",
+         lambda: quantize_rows_ref(ref.norm_modulate(x, shift, scale, 1e-6)), quant_bytes, None),
+    ]
+    for impl, fn, nbytes, check in cases:
+        out = fn()
+        ms = _bench(fn, quick)
+        tbps = nbytes / ms * 1e-9
+        err = None
+        if check == "q":
+            err = _rel(out.data.float() * out.scale[..., None], deq_ref)
+        elif check == "b":
+            err = _rel(out, nm_ref)
+        rows.append(dict(kernel="producer", shape=f"{m}x{k}", impl=impl, ms=ms, tbps=tbps, ratio=tbps / copy_tbps,
+                         rel_err=err))
+    del big, big2
+    return rows
+
+
+def run(device="cuda", quick=False) -> list[dict]:
+    """All rows (GEMM shapes, then producer).  Needs a CUDA device with FP8 (capability >= 8.9)."""
+    if not torch.cuda.is_available():
+        raise ValueError("bench.kernels_gemm needs a CUDA GPU (FP8 tensor cores, capability >= 8.9)")
+    rows = []
+    shapes = SHAPES[:2] if quick else SHAPES
+    for name, m, k, n, epi in shapes:
+        try:
+            rows += _gemm_rows(name, m, k, n, epi, quick, device)
+        except Exception as e:  # noqa: BLE001
+            rows.append(dict(kernel="gemm", shape=name, impl="setup", error=f"{type(e).__name__}: {e}"[:300]))
+        torch.cuda.empty_cache()
+    try:
+        rows += _producer_rows(quick, device)
+    except Exception as e:  # noqa: BLE001
+        rows.append(dict(kernel="producer", shape="", impl="setup", error=f"{type(e).__name__}: {e}"[:300]))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ tuning sweep
+SWEEP_GEMM = {  # name: (fast_accum, config) -- explicit configs, bypassing the autotuner
+    "acc 256x128x128 s3": (False, dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, num_stages=3, num_warps=8)),
+    "acc 256x128x128 s3 sub": (False, dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, num_stages=3, num_warps=8, SUBTILE=True)),
+    "acc 256x128x128 s4 sub": (False, dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, num_stages=4, num_warps=8, SUBTILE=True)),
+    "acc 256x128x128 s3 ws": (False, dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, num_stages=3, num_warps=8, WARP_SPEC=True)),
+    "acc 128x128x256 s3 sub": (False, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=256, num_stages=3, num_warps=8, SUBTILE=True)),
+    "acc 128x256x128 s3 sub": (False, dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, num_stages=3, num_warps=8, SUBTILE=True)),
+    "fast 128x256x128 s3": (True, dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, num_stages=3, num_warps=8)),
+    "fast 128x256x128 s4 sub": (True, dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, num_stages=4, num_warps=8, SUBTILE=True)),
+    "fast 128x256x128 s3 ws": (True, dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, num_stages=3, num_warps=8, WARP_SPEC=True)),
+    "fast 256x128x128 s3 sub": (True, dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, num_stages=3, num_warps=8, SUBTILE=True)),
+}
+SWEEP_PRODUCER = {5120: [(1, 16, False), (1, 16, True), (1, 4, False), (1, 4, True), (1, 2, True), (1, 8, True),
+                         (2, 4, True), (2, 8, True)],
+                  13824: [(1, 4, True), (1, 8, True), (1, 16, True)]}
+
+
+def sweep(device="cuda", quick=False, parts=("gemm", "small", "producer")) -> list[dict]:
+    """Explicit-config timings (tile shape, stages, C subtiling, warp specialization; producer rows/warps and
+    hardware vs hand-rounded e4m3 conversion), next to _scaled_mm, plus host overhead at a small M."""
+    from ..kernels import norm_quant as nq
+    from ..kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref, quantize_weight
+    rows = []
+    for name, m, k, n, epi in (SHAPES[:4] if "gemm" in parts else []):
+        g = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(m, k, device=device, generator=g).bfloat16()
+        w = (torch.randn(n, k, device=device, generator=g) / k ** 0.5).bfloat16()
+        bias = (0.1 * torch.randn(n, device=device, generator=g)).bfloat16()
+        gate = torch.randn(n, device=device, generator=g).bfloat16()
+        res = torch.randn(m, n, device=device, generator=g).bfloat16()
+        qa, (wq, ws) = nq.quantize_rows(x), quantize_weight(w)
+        exact = fp8_gemm_ref(qa, None, wq, ws, bias=bias, out_dtype=torch.float32)
+        flops = 2.0 * m * n * k
+        shape = f"{m}x{k}->{n} ({name})"
+        cases = [(f"scaled_mm{'_fast' if f else ''}", lambda f=f: torch._scaled_mm(
+            qa.data, wq.t(), scale_a=qa.scale.reshape(m, 1), scale_b=ws.reshape(1, n), bias=bias,
+            out_dtype=torch.bfloat16, use_fast_accum=f), exact) for f in (False, True)]
+        for cname, (fast, cfg) in SWEEP_GEMM.items():
+            cases.append((cname, lambda fast=fast, cfg=cfg: fp8_gemm(qa, None, wq, ws, bias=bias, fast_accum=fast,
+                                                                     config=dict(cfg)), exact))
+        if epi == "gated_residual":
+            ref_epi = fp8_gemm_ref(qa, None, wq, ws, bias=bias, epilogue=epi, residual=res.float(), gate=gate.float(),
+                                   out_dtype=torch.float32)
+            for cname in ("acc 256x128x128 s3", "acc 256x128x128 s3 sub", "acc 256x128x128 s4 sub"):
+                cfg = SWEEP_GEMM[cname][1]
+                cases.append((cname + " +gated", lambda cfg=cfg: fp8_gemm(
+                    qa, None, wq, ws, bias=bias, epilogue=epi, residual=res, gate=gate, config=dict(cfg)), ref_epi))
+        for cname, fn, ref in cases:
+            try:
+                out = fn()
+                ms = _bench(fn, quick)
+                rows.append(dict(kernel="sweep-gemm", shape=shape, impl=cname, ms=ms, tflops=flops / ms * 1e-9,
+                                 rel_err=_rel(out, ref)))
+            except Exception as e:  # noqa: BLE001
+                rows.append(dict(kernel="sweep-gemm", shape=shape, impl=cname, error=f"{type(e).__name__}: {e}"[:200]))
+        del qa, wq, ws, exact, res
+        torch.cuda.empty_cache()
+
+    if "small" in parts:
+        rows += _sweep_small(device)
+    if "producer" in parts:
+        rows += _sweep_producer(device, quick)
+    return rows
+
+
+def _sweep_small(device):
+    """Host overhead per call and CUDA-graph GPU time at a small M (audio kv_linear)."""
+    import time
+
+    import triton
+
+    from ..kernels import norm_quant as nq
+    from ..kernels.fp8_gemm import fp8_gemm, quantize_weight
+    rows = []
+    m, k, n = 257, 768, 10240
+    x = torch.randn(m, k, device=device).bfloat16()
+    w = (torch.randn(n, k, device=device) / k ** 0.5).bfloat16()
+    qa, (wq, ws) = nq.quantize_rows(x), quantize_weight(w)
+    fns = {"ours": lambda: fp8_gemm(qa, None, wq, ws),
+           "scaled_mm": lambda: torch._scaled_mm(qa.data, wq.t(), scale_a=qa.scale.reshape(m, 1),
+                                                 scale_b=ws.reshape(1, n), out_dtype=torch.bfloat16)}
+    for cname, fn in fns.items():
+        fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(200):
+            fn()
+        host_us = (time.perf_counter() - t) / 200 * 1e6
+        torch.cuda.synchronize()
+        try:
+            graph_ms = triton.testing.do_bench_cudagraph(fn)
+        except Exception as e:  # noqa: BLE001
+            graph_ms = None
+            rows.append(dict(kernel="sweep-small", shape=f"{m}x{k}->{n}", impl=cname + " graph", error=str(e)[:200]))
+        rows.append(dict(kernel="sweep-small", shape=f"{m}x{k}->{n}", impl=cname, ms=graph_ms,
+                         tflops=2.0 * m * n * k / graph_ms * 1e-9 if graph_ms else None, host_us=host_us))
+
+    return rows
+
+
+def _sweep_producer(device, quick):
+    """Rows per program, warps, hardware vs hand-rounded e4m3 cast; same_bits = equal to the default settings."""
+    from ..kernels import norm_quant as nq
+    rows = []
+    m = 9360
+    for k, overrides in SWEEP_PRODUCER.items():
+        x = torch.randn(1, m, k, device=device).bfloat16()
+        shift = (0.1 * torch.randn(1, 1, k, device=device)).bfloat16()
+        scale = (0.1 * torch.randn(1, 1, k, device=device)).bfloat16()
+        nbytes = m * k * 3 + m * 4
+        fns = {"q": lambda: nq.quantize_rows(x)}
+        if k == 5120:
+            fns["nm"] = lambda: nq.norm_modulate_quant(x, shift, scale, 1e-6)
+        base = {c: f() for c, f in fns.items()}
+        for ov in overrides:
+            nq.SETTINGS_OVERRIDE = ov
+            for cname, fn in fns.items():
+                try:
+                    out = fn()
+                    same = torch.equal(out.data.view(torch.uint8), base[cname].data.view(torch.uint8))
+                    ms = _bench(fn, quick)
+                    rows.append(dict(kernel="sweep-producer", shape=f"{m}x{k}", ms=ms, tbps=nbytes / ms * 1e-9,
+                                     impl=f"{cname} rows{ov[0]} w{ov[1]} hw{int(ov[2])}", same_bits=same))
+                except Exception as e:  # noqa: BLE001
+                    rows.append(dict(kernel="sweep-producer", shape=f"{m}x{k}", impl=f"{cname} {ov}", error=str(e)[:200]))
+            nq.SETTINGS_OVERRIDE = None
+    return rows
+
+
+def _fmt(v, f):
+    return "" if v is None else format(v, f)
+
+
+def print_table(rows):
+    print(f"{'kernel':9} {'shape':28} {'impl':48} {'ms':>8} {'TFLOP/s':>8} {'TB/s':>6} {'ratio':>6} {'vs_smm':>6} "
+          f"{'rel_err':>9} {'err_bf16':>9}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['kernel']:9} {r['shape']:28} {r['impl']:48} ERROR {r['error']}")
+            continue
+        print(f"{r['kernel']:9} {r['shape']:28} {r['impl']:48} {_fmt(r.get('ms'), '8.4f')} "
+              f"{_fmt(r.get('tflops'), '8.1f'):>8} {_fmt(r.get('tbps'), '6.2f'):>6} {_fmt(r.get('ratio'), '6.3f'):>6} "
+              f"{_fmt(r.get('vs_scaled_mm'), '6.3f'):>6} {_fmt(r.get('rel_err'), '9.2e'):>9} "
+              f"{_fmt(r.get('rel_err_bf16'), '9.2e'):>9}"
+              + (f" host {r['host_us']:.1f} us/call" if r.get("host_us") else "")
+              + (f" same_bits={r['same_bits']}" if "same_bits" in r else ""))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="two GEMM shapes, shorter timing")
+    p.add_argument("--json", help="also write the rows to this JSON file")
+    p.add_argument("--sweep", nargs="?", const="gemm,small,producer", default=None, metavar="PARTS",
+                   help="tuning sweep (explicit configs) instead of the comparison; parts: gemm,small,producer")
+    args = p.parse_args(argv)
+    rows = sweep(quick=args.quick, parts=args.sweep.split(",")) if args.sweep else run(quick=args.quick)
+    print_table(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""TritonAttentionOps (kernels/attention_ops.py) against ReferenceOps through the ops seam: each
+overridden op on fresh random inputs, and the tiny model's forward over 3 chunks (chunk 2 runs the
+ConvKV memory update) with an FP8 cache + quantized attention and a bf16 cache + bf16 attention."""
+import pytest
+import torch
+
+from liveact.kernels.attention_ops import TritonAttentionOps
+from liveact.model.checkpoint import build_empty, init_random_
+from liveact.model.config import get_preset
+from liveact.model.dit import ChunkLayout
+from liveact.model.ops import ReferenceOps
+from liveact.model.rope import Rope3D
+
+
+def cos(a, b):
+    return torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
+
+
+def rnd(*shape, seed, device, offset=0.0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(*shape, generator=g)
+    if offset:
+        x += offset * torch.randn(shape[-2:], generator=g)
+    return x.bfloat16().to(device)
+
+
+@pytest.mark.parametrize("fp8,quant", [(True, True), (False, True), (False, False)])
+def test_self_attention_op(fp8, quant, device):
+    """Chunk at write_start = 6 frames against a filled cache (rows [0, 6 Fl))."""
+    h, d, fl = 2, 128, 10
+    rope = Rope3D(2, 5, device=device)
+    ref, tri = ReferenceOps(), TritonAttentionOps(quantized=quant, force=True)
+    caches = [ref.alloc_kv(1, 14 * fl, h, d, torch.bfloat16, device, fp8=fp8) for _ in range(2)]
+    for c in caches:
+        ref.kv_write(c, 0, rnd(1, 6 * fl, h, d, seed=1, device=device, offset=2.0),
+                     rnd(1, 6 * fl, h, d, seed=2, device=device))
+    q, k, v = (rnd(1, 8 * fl, h, d, seed=s, device=device, offset=1.0) for s in (3, 4, 5))
+    w = (1 + 0.1 * rnd(h * d, seed=6, device=device).float()).bfloat16()
+    o_ref = ref.self_attention(q, k, v, w, w, 1e-6, caches[0], rope, 6, 6 * fl)
+    o = tri.self_attention(q, k, v, w, w, 1e-6, caches[1], rope, 6, 6 * fl)
+    assert not o.isnan().any()
+    assert cos(o, o_ref) >= (0.999 if quant else 0.99999)
+    for a, b in zip(caches[1].tensors(), caches[0].tensors()):   # the chunk's cache rows
+        assert cos(a.float(), b.float()) >= 0.99999
+
+
+def test_attention_lse_cross_audio_ops(device):
+    ref, tri = ReferenceOps(), TritonAttentionOps(quantized=True, force=True)
+    q, k, v = rnd(1, 30, 2, 128, seed=1, device=device), rnd(1, 45, 2, 128, seed=2, device=device, offset=2.0), \
+        rnd(1, 45, 2, 128, seed=3, device=device)
+    o, lse = tri.attention_lse(q, k, v)
+    o_r, lse_r = ref.attention_lse(q.float(), k.float(), v.float())
+    assert cos(o, o_r) >= 0.999 and (lse - lse_r).abs().max().item() <= 0.1
+    pairs = [(rnd(1, 64, 2, 128, seed=4, device=device, offset=2.0), rnd(1, 64, 2, 128, seed=5, device=device)),
+             (rnd(1, 33, 2, 128, seed=6, device=device, offset=2.0), rnd(1, 33, 2, 128, seed=7, device=device))]
+    o = tri.cross_attention(q, pairs)
+    assert cos(o, ref.cross_attention(q, pairs)) >= 0.999
+    o2 = tri.cross_attention(q, pairs)          # second call: memoized quantized K/V
+    assert torch.equal(o, o2) and len(tri._memo) == 2
+    qa, ka, va = rnd(3, 20, 2, 128, seed=8, device=device), rnd(3, 32, 2, 128, seed=9, device=device), \
+        rnd(3, 32, 2, 128, seed=10, device=device)
+    assert cos(tri.audio_attention(qa, ka, va), ref.audio_attention(qa, ka, va)) >= 0.99999
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fp8,quant", [(True, True), (False, False)])
+def test_tiny_model_three_chunks(fp8, quant, device):
+    cfg = get_preset("tiny").replace(text_len=64)
+    model = init_random_(build_empty(cfg, device=device, dtype=torch.bfloat16), seed=1)
+    gh, gw = 2, 5
+    fl = gh * gw
+    rope = Rope3D(gh, gw, device=device)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    ctx = model.embed_context(torch.randn(7, cfg.text_dim, generator=g).to(device),
+                              torch.randn(1, 33, cfg.clip_dim, generator=g).to(device))
+    audio = torch.randn(14, cfg.context_tokens, cfg.output_dim, generator=g).bfloat16().to(device)
+    e, e0 = model.embed_time(torch.tensor([937.5], device=device))
+    ops = {"ref": ReferenceOps(), "tri": TritonAttentionOps(quantized=quant, force=True)}
+    caches = {}
+    for name, o in ops.items():
+        model.set_ops(o)
+        caches[name] = model.alloc_caches(fl, fp8=fp8)
+    for n in range(3):
+        ch = ChunkLayout.for_chunk(n)
+        lat = torch.randn(16, ch.frames, 2 * gh, 2 * gw, generator=g).to(device)
+        y = torch.randn(20, ch.frames, 2 * gh, 2 * gw, generator=g).to(device)
+        outs = {}
+        for name, o in ops.items():
+            model.set_ops(o)
+            if n >= 2:
+                model.memory_update(caches[name], fl)
+            akv = None if n == 0 else model.chunk_audio_kv(audio, ch)
+            outs[name] = model(lat, y, e, e0, ctx, akv, caches[name], rope, ch)
+        assert not outs["tri"].isnan().any()
+        c = cos(outs["tri"], outs["ref"])
+        assert c >= 0.99, (n, c)
+        for a, b in zip(caches["tri"], caches["ref"]):
+            ka = a.k.float() * (a.k_scale if fp8 else 1)
+            kb = b.k.float() * (b.k_scale if fp8 else 1)
+            assert cos(ka, kb) >= 0.999, n

@@ -1,0 +1,76 @@
+"""kernels/convkv.py against ReferenceOps.kv_memory_update / convkv_compress_reference: bf16 and FP8
+caches, trained-weight and mean-memory variants.  CPU (interpreter): bit-exact; asserted at <= 1 bf16
+ulp on <= 0.1 % of elements (the GPU conv may round differently at ties)."""
+import pytest
+import torch
+
+from liveact.kernels import convkv as C
+from liveact.model.ops import LayerKV, ReferenceOps, convkv_compress_reference
+
+H, D = 2, 128
+
+
+def filled_cache(device, fl, fp8, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    ops = ReferenceOps()
+    kv = ops.alloc_kv(1, 14 * fl, H, D, torch.bfloat16, device, fp8=fp8)
+    k = torch.randn(1, 14 * fl, H, D, generator=g) + 2 * torch.randn(H, D, generator=g)
+    v = torch.randn(1, 14 * fl, H, D, generator=g)
+    ops.kv_write(kv, 0, k.bfloat16().to(device), v.bfloat16().to(device))
+    return kv
+
+
+def weight(device, seed=1):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return (0.2 + 0.05 * torch.randn(H * D, 1, 5, generator=g)).bfloat16().to(device)
+
+
+def close(a, b, max_frac=1e-3):
+    """Equal but for <= max_frac of elements, off by <= 1 ulp (bf16: 2^-7 relative, e4m3 codes: 2^-3)."""
+    ulp = 2.0 ** -3 if a.dtype == torch.float8_e4m3fn else 2.0 ** -7
+    a, b = a.float(), b.float()
+    diff = a != b
+    return (not a.isnan().any()) and diff.float().mean().item() <= max_frac and \
+        bool(((a - b).abs() <= b.abs() * ulp + 1e-30)[diff].all())
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("mean", [False, True])
+def test_kv_memory_update_matches_reference(fp8, mean, device):
+    fl = 10      # Fl % 5 == 0 (416x720 has 1170); test_fl_not_multiple_of_5 covers straddling groups
+    kv = filled_cache(device, fl, fp8)
+    mine = LayerKV(*[t.clone() for t in kv.tensors()])
+    w = None if mean else weight(device)
+    ReferenceOps().kv_memory_update(kv, w, fl)
+    C.kv_memory_update(mine.k, mine.v, mine.k_scale, mine.v_scale, w, fl)
+    for a, b in zip(mine.tensors(), kv.tensors()):
+        assert close(a, b), (a.float() - b.float()).abs().max()
+
+
+def test_fl_not_multiple_of_5_and_poisoned_output(device):
+    fl = 12
+    kv = filled_cache(device, fl, False, seed=2)
+    w = weight(device)
+    out = torch.full((1, 2 * fl, H, D), float("nan"), dtype=torch.bfloat16, device=device)
+    C.convkv_compress(kv.k, None, w, out, None, 2 * fl, 0, 2 * fl)      # groups straddle slots
+    ref = convkv_compress_reference(kv.k[:, 2 * fl:12 * fl], w)
+    assert close(out, ref)
+
+
+def test_in_place_overlap_is_refused(device):
+    kv = filled_cache(device, 10, False)
+    with pytest.raises(ValueError, match="overlap"):
+        C.convkv_compress(kv.k, None, weight(device), kv.k, None, 20, 20, 10)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp8", [False, True])
+def test_kv_memory_update_real_shape_gpu(fp8):
+    fl = 1170
+    kv = filled_cache("cuda", fl, fp8)
+    mine = LayerKV(*[t.clone() for t in kv.tensors()])
+    w = weight("cuda")
+    ReferenceOps().kv_memory_update(kv, w, fl)
+    C.kv_memory_update(mine.k, mine.v, mine.k_scale, mine.v_scale, w, fl)
+    for a, b in zip(mine.tensors(), kv.tensors()):
+        assert close(a, b, max_frac=1e-3)

@@ -1,0 +1,167 @@
+"""kernels/fp8_gemm.py: persistent TMA W8A8 GEMM with fused epilogues, against fp8_gemm_ref.
+
+CPU: the same kernel (host TensorDescriptors, persistent tile loop, grouped order) through the interpreter
+at small edge shapes: M not a multiple of BLOCK_M, N and K not multiples of their blocks, more tiles than
+programs; fresh random data with outlier channels (x50), outputs poisoned with NaN.
+Tolerances: vs the fp32 product of the same fp8 inputs with the reference's rounding chain:
+rel. error < 1e-5 (fp32 out) / < 2e-3 (bf16 out; only rare 1-ulp flips); vs the unquantized bf16 product
+(sanity of the whole W8A8 scheme): < 6e-2.  GPU (marked gpu): real shapes, both accumulation modes.
+"""
+import ctypes
+import glob
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from liveact.kernels import norm_quant as nq
+from liveact.kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref, quantize_weight
+
+FP8 = torch.float8_e4m3fn
+SMALL = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, NUM_SMS=3)
+
+
+def _blas_single_thread():
+    for lib in glob.glob(os.path.join(os.path.dirname(np.__file__), "..", "numpy.libs", "*openblas*")):
+        fn = getattr(ctypes.CDLL(lib), "scipy_openblas_set_num_threads64_", None)
+        if fn is not None:
+            fn(1)
+
+
+_blas_single_thread()
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    def alloc(shape, dtype, device):
+        t = torch.empty(shape, dtype=dtype, device=device)
+        if dtype == FP8:
+            t.view(torch.uint8).fill_(0x7F)
+        else:
+            t.fill_(float("nan"))
+        return t
+    monkeypatch.setattr(nq, "_alloc", alloc)
+
+
+def _rel(a, b):
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _problem(m, k, n, device, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) + 0.2
+    x[:, [1, k // 2]] *= 50.0  # outlier input channels
+    w = torch.randn(n, k, generator=g) / k ** 0.5
+    w[[0, n - 3]] *= 20.0  # outlier output channels
+    bias = 0.1 * torch.randn(n, generator=g)
+    gate = torch.randn(n, generator=g)
+    res = torch.randn(m, n, generator=g)
+    cvt = lambda t: t.to(device=device, dtype=dtype)
+    return cvt(x), cvt(w), cvt(bias), cvt(gate), cvt(res)
+
+
+@pytest.mark.parametrize("epilogue", ["none", "gelu", "gated_residual", "residual"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_epilogues_edge_shape(epilogue, dtype, device):
+    m, k, n = 70, 96, 72  # 3 x 3 partial tiles of 32, K = 3 tiles, 9 tiles on 3 persistent programs
+    x, w, bias, gate, res = _problem(m, k, n, device, dtype)
+    qa = nq.quantize_rows(x)
+    wq, ws = quantize_weight(w)
+    kw = dict(bias=bias, epilogue=epilogue, residual=res, gate=gate, skip_rows=5, rows_per_batch=35)
+    out = fp8_gemm(qa, None, wq, ws, config=SMALL, **kw)
+    ref = fp8_gemm_ref(qa, None, wq, ws, out_dtype=dtype, **kw)
+    assert out.dtype == dtype and out.shape == (m, n) and torch.isfinite(out).all()
+    assert _rel(out, ref) < (1e-5 if dtype == torch.float32 else 2e-3)
+    if epilogue == "residual":  # rows 0..4 and 35..39 keep the residual exactly
+        assert torch.equal(out[:5], res[:5]) and torch.equal(out[35:40], res[35:40])
+        assert not torch.equal(out[5:35], res[5:35])
+    # the whole W8A8 scheme against the unquantized product
+    y = F.linear(x.float(), w.float(), bias.float())
+    full = {"none": y, "gelu": F.gelu(y, approximate="tanh"), "gated_residual": res.float() + y * gate.float(),
+            "residual": None}[epilogue]
+    if full is not None:
+        assert _rel(out, full) < 6e-2
+
+
+@pytest.mark.parametrize("m,k,n", [(5, 32, 768),    # audio proj3 style: N = 32 tokens x 24 (x 768 real)
+                                   (37, 48, 128),   # audio kv_linear style: K = output_dim, N = 2 D, odd M
+                                   (130, 256, 64)])  # default interpreter config, M > 2 BLOCK_M, N < BLOCK_N
+def test_shapes_default_config(m, k, n, device):
+    x, w, bias, _, _ = _problem(m, k, n, device, seed=m)
+    qa = nq.quantize_rows(x)
+    wq, ws = quantize_weight(w)
+    out = fp8_gemm(qa.data, qa.scale, wq, ws, bias=bias)
+    assert _rel(out, fp8_gemm_ref(qa, None, wq, ws, bias=bias)) < 2e-3
+    assert torch.isfinite(out).all()
+
+
+def test_no_bias_fast_accum_and_inplace(device):
+    m, k, n = 40, 64, 48
+    x, w, _, gate, res = _problem(m, k, n, device, seed=3)
+    qa, (wq, ws) = nq.quantize_rows(x), quantize_weight(w)
+    ref = fp8_gemm_ref(qa, None, wq, ws)
+    for fast in (False, True):
+        assert _rel(fp8_gemm(qa, None, wq, ws, fast_accum=fast, config=SMALL), ref) < 2e-3
+    # the GPU tuning options: C stored as two column halves, warp specialization, promotion interval
+    alt = dict(SMALL, BLOCK_K=64, SUBTILE=True, WARP_SPEC=True, PROMOTE=32)
+    assert _rel(fp8_gemm(qa, None, wq, ws, config=alt), ref) < 2e-3
+    ref = fp8_gemm_ref(qa, None, wq, ws, epilogue="gated_residual", residual=res, gate=gate)
+    r = res.clone()
+    out = fp8_gemm(qa, None, wq, ws, epilogue="gated_residual", residual=r, gate=gate, out=r, config=SMALL)
+    assert out.data_ptr() == r.data_ptr() and _rel(r, ref) < 2e-3
+
+
+def test_weight_quantization():
+    w = torch.randn(24, 64)
+    w[3] *= 100
+    q, s = quantize_weight(w)
+    assert q.dtype == FP8 and s.shape == (24,)
+    assert torch.allclose(s, w.abs().amax(1) / 448)
+    assert (q.float().abs().amax(1) == 448).all()
+    assert _rel(q.float() * s[:, None], w) < 0.03
+
+
+def test_bad_input():
+    q = torch.zeros(8, 32, dtype=FP8)
+    s = torch.ones(8)
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        fp8_gemm(torch.zeros(8, 32), s, q, s)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        fp8_gemm(torch.zeros(8, 24, dtype=FP8), s, torch.zeros(8, 24, dtype=FP8), s)
+    with pytest.raises(ValueError, match="same K"):
+        fp8_gemm(q, s, torch.zeros(8, 48, dtype=FP8), s)
+    with pytest.raises(ValueError, match="needs residual"):
+        fp8_gemm(q, s, q, s, epilogue="residual")
+    with pytest.raises(ValueError, match="epilogue must be"):
+        fp8_gemm(q, s, q, s, epilogue="relu")
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+REAL = [(9360, 5120, 5120), (9360, 5120, 13824), (9360, 13824, 5120), (9360, 5120, 15360), (200, 768, 10240)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,k,n", REAL)
+@pytest.mark.parametrize("fast", [False, True])
+def test_real_shapes(m, k, n, fast):
+    x, w, bias, _, _ = _problem(m, k, n, "cuda", seed=11)
+    qa, (wq, ws) = nq.quantize_rows(x), quantize_weight(w)
+    out = fp8_gemm(qa, None, wq, ws, bias=bias, fast_accum=fast)
+    ref = fp8_gemm_ref(qa, None, wq, ws, bias=bias, out_dtype=torch.float32)
+    err = _rel(out, ref)
+    assert err < (6e-3 if fast else 3e-3), err  # bf16 output floor ~1.7e-3; FP22 fast accumulation adds ~2e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("epilogue", ["gelu", "gated_residual", "residual"])
+def test_real_epilogues(epilogue):
+    m, k, n = 9360, 5120, 5120
+    x, w, bias, gate, res = _problem(m, k, n, "cuda", seed=12)
+    qa, (wq, ws) = nq.quantize_rows(x), quantize_weight(w)
+    kw = dict(bias=bias, epilogue=epilogue, residual=res, gate=gate, skip_rows=1170, rows_per_batch=m)
+    out = fp8_gemm(qa, None, wq, ws, **kw)
+    ref = fp8_gemm_ref(qa, None, wq, ws, **kw)
+    assert torch.isfinite(out).all() and _rel(out, ref) < 5e-3

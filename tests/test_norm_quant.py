@@ -1,0 +1,163 @@
+"""kernels/norm_quant.py: per-token FP8 quantization and the fused LN(+affine)(+adaLN)(+quant) producer.
+
+CPU: Triton interpreter at small odd shapes (M not a multiple of the rows per program, K not a power of two),
+fresh random data with outlier channels (a few columns x50), outputs poisoned with NaN before each run.
+Tolerances: quantized codes and scales equal to the PyTorch reference (<= 0.1 % codes one step off allowed);
+bf16 LN/modulation outputs equal the ReferenceOps rounding chain except rare 1-ulp flips (< 1 % of elements,
+rel. error < 2e-3).  GPU (marked gpu): the same at M = 9360, K = 5120.
+"""
+import ctypes
+import glob
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from liveact.kernels import norm_quant as nq
+from liveact.model.ops import ReferenceOps
+
+FP8 = torch.float8_e4m3fn
+
+
+def _blas_single_thread():
+    """The interpreter's tl.dot is numpy matmul; OpenBLAS threads thrash on this shared 2-core machine."""
+    for lib in glob.glob(os.path.join(os.path.dirname(np.__file__), "..", "numpy.libs", "*openblas*")):
+        fn = getattr(ctypes.CDLL(lib), "scipy_openblas_set_num_threads64_", None)
+        if fn is not None:
+            fn(1)
+
+
+_blas_single_thread()
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    def alloc(shape, dtype, device):
+        t = torch.empty(shape, dtype=dtype, device=device)
+        if dtype == FP8:
+            t.view(torch.uint8).fill_(0x7F)  # e4m3fn NaN
+        else:
+            t.fill_(float("nan"))
+        return t
+    monkeypatch.setattr(nq, "_alloc", alloc)
+
+
+def _data(m, k, dtype, device, seed=0, outliers=(3, 50)):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * 1.5 + 0.3
+    x[:, list(outliers)] *= 50.0
+    return x.to(device=device, dtype=dtype)
+
+
+def _rel(a, b):
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _check_quant(qa, q_ref, s_ref, tol_codes=1e-3, tol_scale=1e-6):
+    assert qa.data.dtype == FP8 and qa.scale.dtype == torch.float32
+    assert torch.isfinite(qa.scale).all() and not torch.isnan(qa.data.float()).any()
+    assert _rel(qa.scale, s_ref) <= tol_scale
+    differ = (qa.data.view(torch.uint8) != q_ref.view(torch.uint8)).float().mean().item()
+    assert differ <= tol_codes, f"{differ:.2%} of fp8 codes differ from the reference"
+    deq = qa.data.float() * qa.scale[..., None]
+    assert _rel(deq, q_ref.float() * s_ref[..., None]) < 5e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_quantize_rows(dtype, device):
+    x = _data(37, 200, dtype, device)
+    qa = nq.quantize_rows(x)
+    q_ref, s_ref = nq.quantize_rows_ref(x)
+    _check_quant(qa, q_ref, s_ref)
+    assert qa.dtype == dtype and qa.data.shape == x.shape
+    # quantization is meaningful: every row uses the top of the e4m3 range, error ~ 2^-4 of the row amax
+    assert (qa.data.float().abs().amax(dim=1) == 448).all()
+    assert _rel(qa.dequantize(), x) < 0.03
+
+
+def test_quantize_rows_3d_and_tiny_values(device):
+    x = _data(2 * 19, 64, torch.bfloat16, device, seed=1).view(2, 19, 64)
+    x[0, 3] = 0  # an all-zero row: scale floor 1e-12, codes 0
+    x[1, 4] *= 1e-30
+    qa = nq.quantize_rows(x)
+    q_ref, s_ref = nq.quantize_rows_ref(x)
+    assert qa.data.shape == (2, 19, 64) and qa.scale.shape == (2, 19)
+    _check_quant(qa, q_ref, s_ref)
+    assert qa.scale[0, 3].item() == pytest.approx(1e-12) and (qa.data[0, 3].float() == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("per_token", [False, True])
+def test_norm_modulate(dtype, per_token, device):
+    m, k = 45, 96
+    x = _data(m, k, dtype, device, seed=2).view(1, m, k)
+    g = torch.Generator().manual_seed(3)
+    mshape = (1, m, k) if per_token else (1, 1, k)
+    shift = (0.2 * torch.randn(mshape, generator=g)).to(device=device, dtype=dtype)
+    scale = (0.3 * torch.randn(mshape, generator=g)).to(device=device, dtype=dtype)
+    ref = ReferenceOps().norm_modulate(x, shift, scale, 1e-6)
+    y = nq.norm_modulate_quant(x, shift, scale, 1e-6, quant=False)
+    assert y.dtype == dtype and y.shape == x.shape and torch.isfinite(y).all()
+    if dtype == torch.bfloat16:  # same rounding chain: equal except rare 1-ulp flips
+        assert (y != ref).float().mean().item() < 0.01
+    assert _rel(y, ref) < (2e-3 if dtype == torch.bfloat16 else 1e-5)
+    qa = nq.norm_modulate_quant(x, shift, scale, 1e-6)
+    q_ref, s_ref = nq.quantize_rows_ref(ref)
+    _check_quant(qa, q_ref, s_ref, tol_codes=0.01, tol_scale=5e-3)
+    both = nq.norm_modulate_quant(x, shift, scale, 1e-6, keep_bf16=True)
+    assert torch.equal(both.bf16, y) and torch.equal(both.data.view(torch.uint8), qa.data.view(torch.uint8))
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_layer_norm(affine, device):
+    m, k = 33, 160
+    x = _data(m, k, torch.bfloat16, device, seed=4)
+    g = torch.Generator().manual_seed(5)
+    w = (1 + 0.1 * torch.randn(k, generator=g)).to(device, torch.bfloat16) if affine else None
+    b = (0.05 * torch.randn(k, generator=g)).to(device, torch.bfloat16) if affine else None
+    ref = ReferenceOps().layer_norm(x, w, b, 1e-6)
+    y = nq.layer_norm_quant(x, w, b, 1e-6, quant=False)
+    assert (y != ref).float().mean().item() < 0.01 and _rel(y, ref) < 2e-3
+    qa = nq.layer_norm_quant(x, w, b, 1e-6)
+    q_ref, s_ref = nq.layer_norm_ref(x, w, b, 1e-6)
+    _check_quant(qa, q_ref, s_ref, tol_codes=0.01, tol_scale=5e-3)
+
+
+def test_round_e4m3_matches_torch(device):
+    """The in-kernel e4m3 rounding (used because the interpreter's cast is wrong) equals torch's cast,
+    including values just below powers of two, subnormals, ties and the clamp at 448."""
+    vals = torch.tensor([1.9375, 1.96, 7.9, 3.9, 15.9, 500.0, -1000.0, 447.0, 440.5, 0.001, -0.0009, 2 ** -10,
+                         3 * 2 ** -10, 1.0625, 1.1875, -2.9, 0.0, 2 ** -7 * 1.0625])
+    x = vals.repeat(4, 1).to(device)
+    x[:, 0] = 448.0  # amax 448 -> scale 1: the codes are the values themselves
+    x[:, 5] = 448.0
+    x[:, 6] = -448.0
+    qa = nq.quantize_rows(x)
+    assert (qa.scale == 1).all()
+    assert torch.equal(qa.data.view(torch.uint8), x.clamp(-448, 448).to(FP8).view(torch.uint8))
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="bf16/fp16/fp32"):
+        nq.quantize_rows(torch.zeros(4, 16, dtype=torch.int32))
+    with pytest.raises(ValueError, match="channels per token"):
+        nq.norm_modulate_quant(torch.randn(4, 16), torch.zeros(3, 16), torch.zeros(3, 16), 1e-6)
+
+
+@pytest.mark.gpu
+def test_producer_real_shape():
+    m, k = 9360, 5120
+    x = _data(m, k, torch.bfloat16, "cuda", seed=7).view(1, m, k)
+    g = torch.Generator().manual_seed(8)
+    shift = (0.2 * torch.randn(1, 1, k, generator=g)).cuda().bfloat16()
+    scale = (0.3 * torch.randn(1, 1, k, generator=g)).cuda().bfloat16()
+    ref = ReferenceOps().norm_modulate(x, shift, scale, 1e-6)
+    y = nq.norm_modulate_quant(x, shift, scale, 1e-6, quant=False)
+    assert (y != ref).float().mean().item() < 0.01 and _rel(y, ref) < 2e-3
+    qa = nq.norm_modulate_quant(x, shift, scale, 1e-6)
+    q_ref, s_ref = nq.quantize_rows_ref(ref)
+    _check_quant(qa, q_ref, s_ref, tol_codes=0.01, tol_scale=5e-3)
+    qa = nq.quantize_rows(x)
+    _check_quant(qa, *nq.quantize_rows_ref(x))
