@@ -117,18 +117,28 @@ class TritonAttentionOps(ReferenceOps):
         return A.attention_bf16(q, k, v, autotune=self.autotune)
 
     # ------------------------------------------------------------------ KV cache
+    def convkv_compress(self, x: torch.Tensor, weight: Optional[torch.Tensor]) -> torch.Tensor:
+        if not self._use(x) or x.dtype != torch.bfloat16 or x.shape[1] % 5:
+            return super().convkv_compress(x, weight)
+        x = x.contiguous()
+        b, n, h, d = x.shape
+        out = torch.empty((b, n // 5, h, d), dtype=x.dtype, device=x.device)
+        C.convkv_compress(x, None, weight, out, None, 0, 0, n // 5)
+        return out
+
     def kv_memory_update(self, kv: LayerKV, weight: Optional[torch.Tensor], tokens_per_frame: int,
                          dtype=torch.bfloat16) -> None:
         if not self._use(kv.k) or dtype != torch.bfloat16 or (not kv.fp8 and kv.k.dtype != torch.bfloat16):
             return super().kv_memory_update(kv, weight, tokens_per_frame, dtype)
         C.kv_memory_update(kv.k, kv.v, kv.k_scale, kv.v_scale, weight, tokens_per_frame)
 
-    def self_attention(self, q, k, v, norm_q, norm_k, eps: float, kv: LayerKV, rope: Rope3D,
-                       q_frame0: int, write_start: int) -> torch.Tensor:
+    def prepare_self_attention(self, q, k, v, norm_q, norm_k, eps: float, kv: LayerKV, rope: Rope3D,
+                               q_frame0: int, write_start: int):
+        """qk_prep + rope_keys (+ quantize_v): the fused first half of self_attention (see ReferenceOps)."""
         ok = (self._use(q, k, v, kv.k) and q.dtype == torch.bfloat16 and norm_q.dtype == torch.bfloat16
               and (kv.fp8 or kv.k.dtype == torch.bfloat16))
         if not ok:
-            return super().self_attention(q, k, v, norm_q, norm_k, eps, kv, rope, q_frame0, write_start)
+            return super().prepare_self_attention(q, k, v, norm_q, norm_k, eps, kv, rope, q_frame0, write_start)
         b, l, h, d = q.shape
         ws, fl = write_start, rope.tokens_per_frame
         cos, sin = self._cos_sin(rope, q.device)
@@ -147,16 +157,22 @@ class TritonAttentionOps(ReferenceOps):
                                kv.k[:, ws:ws + l], kv.v[:, ws:ws + l], quantize_q=quant)
             ksrc = [P.KSource(kv.k[:, :ws + l])]
             vsrc = [A.VSource(kv.v[:, :ws + l])]
-        # 2. keys rotated at their row position (slot index * Fl + in-frame position), then attention
+        # 2. keys rotated at their row position (slot index * Fl + in-frame position), quantized
         if quant:
             k8, ks, km = P.rope_keys(ksrc, cos, sin, quantize=True)
             vt, vs = A.quantize_v(vsrc)
-            out = A.attention_quant_prepared(qo, qs, A.QuantKV(k8, ks, vt, vs, km), autotune=self.autotune)
+            return ("int8fp8", qo, qs), (k8, ks, vt, vs, km)
+        kr, _, _ = P.rope_keys(ksrc, cos, sin, quantize=False)
+        if kv.fp8:
+            v_all = torch.cat([fp8_dequantize_per_head(kv.v[:, :ws], kv.v_scale[:, :ws]), v], dim=1)
         else:
-            kr, _, _ = P.rope_keys(ksrc, cos, sin, quantize=False)
-            if kv.fp8:
-                v_all = torch.cat([fp8_dequantize_per_head(kv.v[:, :ws], kv.v_scale[:, :ws]), v], dim=1)
-            else:
-                v_all = kv.v[:, :ws + l]
-            out = A.attention_bf16(qo, kr, v_all, autotune=self.autotune)
-        return out.reshape(b, l, h * d)
+            v_all = kv.v[:, :ws + l]
+        return ("bf16", qo), (kr, v_all)
+
+    def attend_prepared(self, qp, kvp, return_lse: bool = False):
+        if qp[0] == "int8fp8":
+            return A.attention_quant_prepared(qp[1], qp[2], A.QuantKV(*kvp), return_lse=return_lse,
+                                              autotune=self.autotune)
+        if qp[0] == "bf16":
+            return A.attention_bf16(qp[1], *kvp, return_lse=return_lse, autotune=self.autotune)
+        return super().attend_prepared(qp, kvp, return_lse)

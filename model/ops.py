@@ -194,6 +194,10 @@ class ReferenceOps:
                     fp8_dequantize_per_head(kv.v[:, start:stop], kv.v_scale[:, start:stop], dtype))
         return kv.k[:, start:stop], kv.v[:, start:stop]
 
+    def convkv_compress(self, x: torch.Tensor, weight: Optional[torch.Tensor]) -> torch.Tensor:
+        """The ConvKV compressor C on a contiguous span x [B, 5n, H, D] -> [B, n, H, D] (values, not a cache)."""
+        return convkv_compress_reference(x, weight)
+
     def kv_memory_update(self, kv: LayerKV, weight: Optional[torch.Tensor], tokens_per_frame: int,
                          dtype=torch.bfloat16) -> None:
         """ConvKV memory update of shared/SPEC.md 4.2 step 3, for K and V (both with memory_proj_k's
@@ -203,8 +207,8 @@ class ReferenceOps:
         fl = tokens_per_frame
         k_a, v_a = self.kv_read(kv, 2 * fl, 7 * fl, dtype)
         k_b, v_b = self.kv_read(kv, 7 * fl, 12 * fl, dtype)
-        new = [(convkv_compress_reference(k_a, weight), convkv_compress_reference(v_a, weight)),
-               (convkv_compress_reference(k_b, weight), convkv_compress_reference(v_b, weight))]
+        new = [(self.convkv_compress(k_a, weight), self.convkv_compress(v_a, weight)),
+               (self.convkv_compress(k_b, weight), self.convkv_compress(v_b, weight))]
         for t in kv.tensors():  # raw copy of slots 12, 13 (values and, for fp8, their scales)
             t[:, 4 * fl:6 * fl] = t[:, 12 * fl:14 * fl].clone()
         for i, (kc, vc) in enumerate(new):
@@ -219,8 +223,18 @@ class ReferenceOps:
         the keys are cache rows [0, write_start) followed by the chunk's own fresh k, v (the
         published model attends to the un-requantized current chunk also with an FP8 cache).
         Queries are rotated at time positions q_frame0.., keys at their slot index.
-        Returns [B, L, H*D].
+        Returns [B, L, H*D].  = attend_prepared(*prepare_self_attention(...)).
         """
+        b, l, h, d = q.shape
+        qp, kvp = self.prepare_self_attention(q, k, v, norm_q, norm_k, eps, kv, rope, q_frame0, write_start)
+        return self.attend_prepared(qp, kvp).reshape(b, l, h * d)
+
+    def prepare_self_attention(self, q, k, v, norm_q, norm_k, eps: float, kv: LayerKV, rope: Rope3D,
+                               q_frame0: int, write_start: int):
+        """Everything of self_attention before the attention itself: q/k RMSNorm, the cache write,
+        RoPE, and whatever input format the attention wants.  Returns (q_prepared, kv_prepared):
+        q_prepared = (kind, *tensors), kv_prepared = a tuple of tensors that `attend_prepared` takes
+        (sequence parallelism passes kv_prepared round the ring as is)."""
         b, l, h, d = q.shape
         q = self.rms_norm(q.reshape(b, l, h * d), norm_q, eps).reshape(b, l, h, d)
         k = self.rms_norm(k.reshape(b, l, h * d), norm_k, eps).reshape(b, l, h, d)
@@ -233,4 +247,10 @@ class ReferenceOps:
         fl = rope.tokens_per_frame
         q_r = rope_apply_reference(q, rope.table(q_frame0, l // fl))
         k_r = rope_apply_reference(k_all, rope.table(0, k_all.shape[1] // fl))
-        return self.attention(q_r, k_r, v_all).reshape(b, l, h * d)
+        return ("reference", q_r), (k_r, v_all)
+
+    def attend_prepared(self, qp, kvp, return_lse: bool = False):
+        """The attention of prepared queries over prepared keys/values: o [B, L, H, D]
+        (and lse [B, H, L] natural log with return_lse)."""
+        q = qp[1]
+        return self.attention_lse(q, *kvp) if return_lse else self.attention(q, *kvp)

@@ -145,22 +145,42 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sp: Sequen
     if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:]:
         raise ValueError(f"ring_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
                          "must be [B, S, H, D] with the same B, H, D (and k, v the same shape)")
-    bufs = [torch.stack([k, v]).contiguous(), None]  # [2 (K, V), B, Sk, H, D]
+    return ring_attention_prepared(("q", q), (k, v), sp, lambda qp, kvp, return_lse: attn(qp[1], *kvp),
+                                   return_lse=return_lse, out_dtype=q.dtype)
+
+
+def _wire(t: torch.Tensor) -> torch.Tensor:
+    """1-byte dtypes travel as uint8 (no backend needs to know float8)."""
+    return t.view(torch.uint8) if t.element_size() == 1 and t.dtype != torch.uint8 else t
+
+
+def ring_attention_prepared(qp, kvp, sp: SequenceParallel, attend: Callable, return_lse: bool = False,
+                            out_dtype=torch.bfloat16):
+    """The ring over an ops' prepared key/value tensors (`prepare_self_attention`): at step s every
+    rank attends to the shard it holds (`attend(qp, kvp, return_lse=True)`) while sending it to the
+    next rank and receiving the previous rank's (double buffers, batched isend/irecv), and merges
+    the partial outputs with their log-sum-exp.  kvp is a tuple of tensors whose shapes are the
+    same on every rank (any dtypes: quantized keys, scales, transposed values...)."""
+    bufs = [tuple(t.contiguous() for t in kvp), None]
     out = lse = None
     for step in range(sp.world):
         cur = bufs[step % 2]
         reqs = []
         if step < sp.world - 1:
             if bufs[(step + 1) % 2] is None:
-                bufs[(step + 1) % 2] = torch.empty_like(cur)
+                bufs[(step + 1) % 2] = tuple(torch.empty_like(t) for t in cur)
             nxt = bufs[(step + 1) % 2]
-            reqs = dist.batch_isend_irecv([dist.P2POp(dist.isend, cur, sp.next_peer, sp.group),
-                                           dist.P2POp(dist.irecv, nxt, sp.prev_peer, sp.group)])
-        o_s, lse_s = attn(q, cur[0], cur[1])
-        out, lse = (o_s.float(), lse_s.float()) if out is None else merge_lse(out, lse, o_s, lse_s)
+            ops = [dist.P2POp(dist.isend, _wire(t), sp.next_peer, sp.group) for t in cur]
+            ops += [dist.P2POp(dist.irecv, _wire(t), sp.prev_peer, sp.group) for t in nxt]
+            reqs = dist.batch_isend_irecv(ops)
+        o_s, lse_s = attend(qp, cur, return_lse=True)
+        if sp.world == 1:
+            out, lse = o_s, lse_s
+        else:
+            out, lse = (o_s.float(), lse_s.float()) if out is None else merge_lse(out, lse, o_s, lse_s)
         for req in reqs:  # after this, `cur` may be received into and `nxt` is complete
             req.wait()
-    out = out.to(q.dtype)
+    out = out.to(out_dtype)
     return (out, lse) if return_lse else out
 
 

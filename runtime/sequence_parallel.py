@@ -44,12 +44,11 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from ..model.dit import ChunkLayout, Context, LiveActDiT
-from ..model.ops import LayerKV, convkv_compress_reference
-from ..model.rope import Rope3D, rope_apply_reference
-from .ring import SequenceParallel, ring_attention
+from ..model.ops import LayerKV
+from ..model.rope import Rope3D
+from .ring import SequenceParallel, ring_attention_prepared
 
 MEMORY_SLOTS = (2, 7)  # first source slot of the two compressed memory slots (2 <- 2..6, 3 <- 7..11)
 SPAN = 5               # ConvKV kernel = stride = 5 source slots per compressed slot
@@ -222,6 +221,8 @@ class SPOps:
         """shared/SPEC.md 4.2 step 3 on the sharded cache; `tokens_per_frame` is the GLOBAL Fl.
         slot 2 <- C(2..6), slot 3 <- C(7..11), slots 4,5 <- 12,13; sources read before writing."""
         base, sp = self.base, self.sp
+        if sp.world == 1:  # nothing to exchange: the base's own (fused) update is the same computation
+            return base.kv_memory_update(kv, weight, tokens_per_frame, dtype)
         m = local_tokens_per_frame(tokens_per_frame, sp.world)
         if kv.k.shape[1] < 14 * m:
             raise ValueError(f"kv_memory_update: this rank's cache has {kv.k.shape[1]} rows, expected 14*Fl/N = "
@@ -233,8 +234,8 @@ class SPOps:
         k_w, v_w = base.kv_read(kv, 2 * m, 12 * m, dtype)            # local rows of slots 2..11
         src = exchange_memory_rows(torch.stack([k_w, v_w]), plan, sp)  # [2, B, 10m, H, D]
         half = SPAN * m
-        new = [(convkv_compress_reference(src[0][:, i * half:(i + 1) * half].contiguous(), weight),
-                convkv_compress_reference(src[1][:, i * half:(i + 1) * half].contiguous(), weight)) for i in range(2)]
+        new = [(base.convkv_compress(src[0][:, i * half:(i + 1) * half].contiguous(), weight),
+                base.convkv_compress(src[1][:, i * half:(i + 1) * half].contiguous(), weight)) for i in range(2)]
         for t in kv.tensors():  # raw local copy of slots 12, 13 -> 4, 5 (values and fp8 scales)
             t[:, 4 * m:6 * m] = t[:, 12 * m:14 * m].clone()
         for i, (kc, vc) in enumerate(new):
@@ -243,26 +244,18 @@ class SPOps:
     # ------------------------------------------------------------------ ring self-attention
     def self_attention(self, q, k, v, norm_q, norm_k, eps: float, kv: LayerKV, rope: Rope3D,
                        q_frame0: int, write_start: int) -> torch.Tensor:
-        """ReferenceOps.self_attention on this rank's rows (rope must be the rank's ShardRope, so
+        """The base ops' self_attention on this rank's rows (rope must be the rank's ShardRope, so
         write_start = q_frame0 * m is the local cache row), with the attention run as a ring over
         the key shards of all ranks.  Returns [B, L_local, H*D]."""
         if not isinstance(rope, ShardRope):
             raise ValueError("SPOps.self_attention needs the rank's ShardRope: run the chunk with "
                              "sp_forward(...) (or pass shard_rope(rope, sp) to the blocks)")
-        base = self.base
         b, l, h, d = q.shape
-        q = base.rms_norm(q.reshape(b, l, h * d), norm_q, eps).reshape(b, l, h, d)
-        k = base.rms_norm(k.reshape(b, l, h * d), norm_k, eps).reshape(b, l, h, d)
-        base.kv_write(kv, write_start, k, v)
-        if write_start:
-            k_mem, v_mem = base.kv_read(kv, 0, write_start, q.dtype)
-            k_all, v_all = torch.cat([k_mem, k], dim=1), torch.cat([v_mem, v], dim=1)
-        else:
-            k_all, v_all = k, v
-        m = rope.tokens_per_frame
-        q_r = rope_apply_reference(q, rope.table(q_frame0, l // m))
-        k_r = rope_apply_reference(k_all, rope.table(0, k_all.shape[1] // m))  # global slot positions
-        return ring_attention(q_r, k_r, v_all, self.sp, base.attention_lse).reshape(b, l, h * d)
+        # the base ops' own (fused) preparation on this rank's rows: norms, cache write, RoPE at the
+        # ShardRope's global positions, quantization; then the ring over the prepared key shards
+        qp, kvp = self.base.prepare_self_attention(q, k, v, norm_q, norm_k, eps, kv, rope, q_frame0, write_start)
+        return ring_attention_prepared(qp, kvp, self.sp, self.base.attend_prepared,
+                                       out_dtype=q.dtype).reshape(b, l, h * d)
 
 
 # ---------------------------------------------------------------------------------------- the step
