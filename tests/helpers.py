@@ -28,3 +28,18 @@ def audio_window(cfg, n, seed=0):
 def rel_err(a, b):
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def poison_fp8_allocations(monkeypatch):
+    """Make kernels/norm_quant's allocator (used by the FP8 kernels for their outputs) hand out poisoned
+    tensors: NaN, or the e4m3 NaN code 0x7F, so an element a kernel fails to write cannot pass."""
+    from liveact.kernels import norm_quant as nq
+
+    def alloc(shape, dtype, device):
+        t = torch.empty(shape, dtype=dtype, device=device)
+        if dtype == torch.float8_e4m3fn:
+            t.view(torch.uint8).fill_(0x7F)
+        else:
+            t.fill_(float("nan"))
+        return t
+    monkeypatch.setattr(nq, "_alloc", alloc)

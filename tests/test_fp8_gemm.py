@@ -7,11 +7,7 @@ Tolerances: vs the fp32 product of the same fp8 inputs with the reference's roun
 rel. error < 1e-5 (fp32 out) / < 2e-3 (bf16 out; only rare 1-ulp flips); vs the unquantized bf16 product
 (sanity of the whole W8A8 scheme): < 6e-2.  GPU (marked gpu): real shapes, both accumulation modes.
 """
-import ctypes
-import glob
-import os
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,35 +15,17 @@ import torch.nn.functional as F
 from liveact.kernels import norm_quant as nq
 from liveact.kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref, quantize_weight
 
+from helpers import poison_fp8_allocations, rel_err as _rel
+
 FP8 = torch.float8_e4m3fn
 SMALL = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, NUM_SMS=3)
 
 
-def _blas_single_thread():
-    for lib in glob.glob(os.path.join(os.path.dirname(np.__file__), "..", "numpy.libs", "*openblas*")):
-        fn = getattr(ctypes.CDLL(lib), "scipy_openblas_set_num_threads64_", None)
-        if fn is not None:
-            fn(1)
 
 
-_blas_single_thread()
+poison = pytest.fixture(autouse=True)(poison_fp8_allocations)
 
 
-@pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    def alloc(shape, dtype, device):
-        t = torch.empty(shape, dtype=dtype, device=device)
-        if dtype == FP8:
-            t.view(torch.uint8).fill_(0x7F)
-        else:
-            t.fill_(float("nan"))
-        return t
-    monkeypatch.setattr(nq, "_alloc", alloc)
-
-
-def _rel(a, b):
-    a, b = a.float(), b.float()
-    return ((a - b).norm() / b.norm()).item()
 
 
 def _problem(m, k, n, device, dtype=torch.bfloat16, seed=0):

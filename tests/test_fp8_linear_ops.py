@@ -5,12 +5,8 @@ channels included): rel. error < 6e-2 (W8A8 quantization error, ~2-4 % on this d
 producers, equality with the reference rounding chain; the tiny-preset model forward (bf16) reaches
 cosine >= 0.99 against ReferenceOps.  Fallback (no FP8 hardware, not forced) must equal ReferenceOps exactly.
 """
-import ctypes
-import glob
 import json
-import os
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,34 +18,16 @@ from liveact.kernels.norm_quant import QuantAct
 from liveact.model import ChunkLayout, ReferenceOps, Rope3D, VideoGeometry, get_preset
 from liveact.model.checkpoint import build_empty, init_random_
 
+from helpers import poison_fp8_allocations, rel_err as _rel
+
 FP8 = torch.float8_e4m3fn
 
 
-def _blas_single_thread():
-    for lib in glob.glob(os.path.join(os.path.dirname(np.__file__), "..", "numpy.libs", "*openblas*")):
-        fn = getattr(ctypes.CDLL(lib), "scipy_openblas_set_num_threads64_", None)
-        if fn is not None:
-            fn(1)
 
 
-_blas_single_thread()
+poison = pytest.fixture(autouse=True)(poison_fp8_allocations)
 
 
-@pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    def alloc(shape, dtype, device):
-        t = torch.empty(shape, dtype=dtype, device=device)
-        if dtype == FP8:
-            t.view(torch.uint8).fill_(0x7F)
-        else:
-            t.fill_(float("nan"))
-        return t
-    monkeypatch.setattr(nq, "_alloc", alloc)
-
-
-def _rel(a, b):
-    a, b = a.float(), b.float()
-    return ((a - b).norm() / b.norm()).item()
 
 
 def _cos(a, b):

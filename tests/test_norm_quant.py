@@ -6,41 +6,21 @@ Tolerances: quantized codes and scales equal to the PyTorch reference (<= 0.1 % 
 bf16 LN/modulation outputs equal the ReferenceOps rounding chain except rare 1-ulp flips (< 1 % of elements,
 rel. error < 2e-3).  GPU (marked gpu): the same at M = 9360, K = 5120.
 """
-import ctypes
-import glob
-import os
 
-import numpy as np
 import pytest
 import torch
 
 from liveact.kernels import norm_quant as nq
 from liveact.model.ops import ReferenceOps
 
+from helpers import poison_fp8_allocations, rel_err as _rel
+
 FP8 = torch.float8_e4m3fn
 
 
-def _blas_single_thread():
-    """The interpreter's tl.dot is numpy matmul; OpenBLAS threads thrash on this shared 2-core machine."""
-    for lib in glob.glob(os.path.join(os.path.dirname(np.__file__), "..", "numpy.libs", "*openblas*")):
-        fn = getattr(ctypes.CDLL(lib), "scipy_openblas_set_num_threads64_", None)
-        if fn is not None:
-            fn(1)
 
 
-_blas_single_thread()
-
-
-@pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    def alloc(shape, dtype, device):
-        t = torch.empty(shape, dtype=dtype, device=device)
-        if dtype == FP8:
-            t.view(torch.uint8).fill_(0x7F)  # e4m3fn NaN
-        else:
-            t.fill_(float("nan"))
-        return t
-    monkeypatch.setattr(nq, "_alloc", alloc)
+poison = pytest.fixture(autouse=True)(poison_fp8_allocations)
 
 
 def _data(m, k, dtype, device, seed=0, outliers=(3, 50)):
@@ -50,9 +30,6 @@ def _data(m, k, dtype, device, seed=0, outliers=(3, 50)):
     return x.to(device=device, dtype=dtype)
 
 
-def _rel(a, b):
-    a, b = a.float(), b.float()
-    return ((a - b).norm() / b.norm()).item()
 
 
 def _check_quant(qa, q_ref, s_ref, tol_codes=1e-3, tol_scale=1e-6):
