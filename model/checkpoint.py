@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -206,7 +205,7 @@ def write_random_checkpoint(cfg: LiveActConfig, out_dir: str | Path, seed: int =
             progress(len(names), len(names))
         return out
     # greedy shards of about max_shard_bytes, written one at a time
-    weight_map, shard, shard_bytes, shard_files = {}, {}, 0, []
+    weight_map, shard, shard_bytes = {}, {}, 0
     tmp_names = []
 
     def flush():

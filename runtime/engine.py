@@ -18,7 +18,7 @@ runs eagerly and doubles as warm-up / autotune) and replayed from then on.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch

@@ -293,7 +293,7 @@ def install_sequence_parallel(model: LiveActDiT, sp: SequenceParallel):
 def _selfcheck(size: str = "96*64", chunks: int = 4, fp8: bool = False) -> float:
     """Tiny model, `chunks` chunks: SP on this group vs the single-process forward (computed on
     every rank with a second, unsharded cache).  Returns the largest velocity rel. error."""
-    from ..model import ReferenceOps, VideoGeometry, get_preset
+    from ..model import VideoGeometry, get_preset
     from ..model.checkpoint import build_empty, init_random_
     from .ring import launch_info, rank0_errors
 

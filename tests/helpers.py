@@ -1,7 +1,7 @@
 """Shared test helpers: a tiny random model, random conditioning, a poisoned-output check."""
 import torch
 
-from liveact.model import ChunkLayout, Rope3D, VideoGeometry, get_preset
+from liveact.model import VideoGeometry, get_preset
 from liveact.model.checkpoint import build_empty, init_random_
 
 

@@ -142,7 +142,6 @@ class Pipeline:
     @torch.no_grad()
     def condition(self, item, geo: VideoGeometry):
         """-> y [20, 14, h, w], {name: Context}, EditPrompts."""
-        from ..model.dit import Context  # noqa: F401  (type of the contexts)
         from ..runtime.engine import EditPrompts
         from ..runtime.media import load_image
         img = load_image(item["cond_image"], geo.width, geo.height).to(self.device, torch.bfloat16)
