@@ -28,6 +28,11 @@ def add_ops_arguments(p: argparse.ArgumentParser):
 def make_ops(args, device):
     from ..model.ops import ReferenceOps
     if getattr(args, "ops", "reference") == "reference":
+        asked = [f for f, on in (("--fp8-gemm", args.fp8_gemm), ("--fp8-attention", args.fp8_attention),
+                                 ("--fast-accum", getattr(args, "fast_accum", False)),
+                                 ("--precision-policy", args.precision_policy)) if on]
+        if asked:
+            raise SystemExit(f"error: {', '.join(asked)} select our Triton kernels: add --ops triton")
         return ReferenceOps()
     try:
         from ..kernels.ops import make_triton_ops
