@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .checkpoint import key_mismatch_lines
 from .clip import EncoderLoadError
 
 AUDIO_FPS = 25                 # wav2vec frames per second of tempo-adjusted audio (get_embedding's default fps)
@@ -293,15 +294,10 @@ def load_wav2vec(wav2vec_dir, device="cpu", dtype=torch.bfloat16):
     with torch.random.fork_rng():
         model = Wav2Vec2Model(cfg)
     want = model.state_dict()
-    missing = sorted(set(want) - set(sd) - {"masked_spec_embed"})
-    unexpected = sorted(set(sd) - set(want))
-    wrong = sorted(k for k in set(want) & set(sd) if tuple(sd[k].shape) != tuple(want[k].shape))
-    if missing or unexpected or wrong:
-        lines = [f"{d}: the wav2vec2 weights do not match its config.json:"]
-        for title, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)):
-            if keys:
-                lines.append(f"  {len(keys)} {title}: " + ", ".join(keys[:6]) + (" ..." if len(keys) > 6 else ""))
-        raise EncoderLoadError("\n".join(lines))
+    lines = key_mismatch_lines({k: v.shape for k, v in want.items()}, {k: v.shape for k, v in sd.items()},
+                               ignore_missing={"masked_spec_embed"})
+    if lines:
+        raise EncoderLoadError("\n".join([f"{d}: the wav2vec2 weights do not match its config.json:", *lines]))
     model.load_state_dict(sd, strict=False)
     model.config._attn_implementation = "sdpa"
     return model.to(device=device, dtype=dtype).eval(), fe

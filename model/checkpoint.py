@@ -86,25 +86,34 @@ def _read_headers(files: dict) -> dict:
     return out
 
 
-def check_keys(cfg: LiveActConfig, headers: dict, where: str) -> None:
-    """Raise one CheckpointError listing every missing / unexpected key and shape mismatch."""
-    want = expected_shapes(cfg)
-    missing = sorted(set(want) - set(headers))
-    unexpected = sorted(set(headers) - set(want))
-    wrong = sorted(k for k in set(want) & set(headers) if tuple(headers[k][0]) != want[k])
-    if not (missing or unexpected or wrong):
-        return
-    lines = [f"{where}: the weights do not match config.json (dim={cfg.dim}, num_layers={cfg.num_layers}, "
-             f"num_heads={cfg.num_heads}, ffn_dim={cfg.ffn_dim}):"]
-    for title, keys, fmt in (("missing", missing, lambda k: f"{k} {want[k]}"),
-                             ("unexpected", unexpected, lambda k: f"{k} {headers[k][0]} in {Path(headers[k][2]).name}"),
-                             ("shape mismatch", wrong,
-                              lambda k: f"{k}: file {headers[k][0]} in {Path(headers[k][2]).name}, model {want[k]}")):
+def key_mismatch_lines(want: dict, got: dict, source=None, ignore_missing=()) -> list:
+    """Compare {key: shape} of a model (want) and a file (got): one line per kind of difference,
+    '  N missing: ...', '  N unexpected: ...', '  N shape mismatch: ...' (8 keys each at most, with
+    their shapes; source(k) names the file a key came from).  Empty when they agree."""
+    at = (lambda k: f" in {source(k)}") if source else (lambda k: "")
+    missing = sorted(set(want) - set(got) - set(ignore_missing))
+    unexpected = sorted(set(got) - set(want))
+    wrong = sorted(k for k in set(want) & set(got) if tuple(got[k]) != tuple(want[k]))
+    lines = []
+    for title, keys, fmt in (("missing", missing, lambda k: f"{k} {tuple(want[k])}"),
+                             ("unexpected", unexpected, lambda k: f"{k} {tuple(got[k])}{at(k)}"),
+                             ("shape mismatch", wrong, lambda k: f"{k}: file {tuple(got[k])}{at(k)}, model {tuple(want[k])}")):
         if keys:
             lines.append(f"  {len(keys)} {title}: " + "; ".join(fmt(k) for k in keys[:8]) + (" ..." if len(keys) > 8 else ""))
-    lines.append("  Fix: point --ckpt-dir at a LiveAct (Wan2.1-I2V-14B + audio) checkpoint whose config.json "
-                 "matches its weights; nothing was loaded.")
-    raise CheckpointError("\n".join(lines))
+    return lines
+
+
+def check_keys(cfg: LiveActConfig, headers: dict, where: str) -> None:
+    """Raise one CheckpointError listing every missing / unexpected key and shape mismatch."""
+    lines = key_mismatch_lines(expected_shapes(cfg), {k: h[0] for k, h in headers.items()},
+                               source=lambda k: Path(headers[k][2]).name)
+    if not lines:
+        return
+    raise CheckpointError("\n".join(
+        [f"{where}: the weights do not match config.json (dim={cfg.dim}, num_layers={cfg.num_layers}, "
+         f"num_heads={cfg.num_heads}, ffn_dim={cfg.ffn_dim}):", *lines,
+         "  Fix: point --ckpt-dir at a LiveAct (Wan2.1-I2V-14B + audio) checkpoint whose config.json "
+         "matches its weights; nothing was loaded."]))
 
 
 def load_model(ckpt_dir: str | Path, device="cpu", dtype=torch.bfloat16, ops=None,

@@ -30,6 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checkpoint import key_mismatch_lines
+
 CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -203,18 +205,12 @@ def load_clip(ckpt_dir_or_file, device="cpu", dtype=torch.bfloat16, num_heads: i
     last = cfg["num_layers"] - 1
     unused = [k for k in sd if k.startswith(f"visual.transformer.{last}.")] + \
              [k for k in ("visual.post_norm.weight", "visual.post_norm.bias", "visual.head") if k in sd]
-    missing = sorted(set(want) - set(sd))
-    visual = {k for k in sd if k.startswith("visual.")}
-    unexpected = sorted(visual - set(want) - set(unused))
-    wrong = sorted(k for k in set(want) & set(sd) if tuple(sd[k].shape) != tuple(want[k].shape))
-    if missing or unexpected or wrong:
-        lines = [f"{path}: the CLIP visual tower does not match the ViT layout inferred from its shapes "
-                 f"(width {cfg['width']}, {cfg['num_layers']} blocks):"]
-        for title, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)):
-            if keys:
-                lines.append(f"  {len(keys)} {title}: " + ", ".join(keys[:6]) + (" ..." if len(keys) > 6 else ""))
-        lines.append(f"  Fix: use the published {CLIP_FILE} (or one written by write_random_clip).")
-        raise EncoderLoadError("\n".join(lines))
+    visual = {k: v.shape for k, v in sd.items() if k.startswith("visual.") and k not in set(unused)}
+    lines = key_mismatch_lines({k: v.shape for k, v in want.items()}, visual)
+    if lines:
+        raise EncoderLoadError("\n".join([f"{path}: the CLIP visual tower does not match the ViT layout inferred "
+                                           f"from its shapes (width {cfg['width']}, {cfg['num_layers']} blocks):", *lines,
+                                           f"  Fix: use the published {CLIP_FILE} (or one written by write_random_clip)."]))
     model = model.to(dtype).to_empty(device=device)
     with torch.no_grad():
         for k, p in model.state_dict().items():

@@ -30,6 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checkpoint import key_mismatch_lines
+
 from .clip import EncoderLoadError, _torch_load
 
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
@@ -229,16 +231,11 @@ def load_t5(ckpt_dir_or_file, device="cpu", dtype=torch.bfloat16) -> T5Encoder:
     with torch.device("meta"):  # no memory until the target device/dtype is known (fp32 XXL would be 23 GB)
         model = T5Encoder(**cfg)
     want = model.state_dict()
-    missing = sorted(set(want) - set(sd))
-    unexpected = sorted(set(sd) - set(want))
-    wrong = sorted(k for k in set(want) & set(sd) if tuple(sd[k].shape) != tuple(want[k].shape))
-    if missing or unexpected or wrong:
-        lines = [f"{path}: the T5 weights do not match the umT5 layout inferred from their shapes {cfg}:"]
-        for title, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)):
-            if keys:
-                lines.append(f"  {len(keys)} {title}: " + ", ".join(keys[:6]) + (" ..." if len(keys) > 6 else ""))
-        lines.append(f"  Fix: use the published {T5_FILE} (or one written by write_random_t5).")
-        raise EncoderLoadError("\n".join(lines))
+    lines = key_mismatch_lines({k: v.shape for k, v in want.items()}, {k: v.shape for k, v in sd.items()})
+    if lines:
+        raise EncoderLoadError("\n".join([f"{path}: the T5 weights do not match the umT5 layout inferred from "
+                                           f"their shapes {cfg}:", *lines,
+                                           f"  Fix: use the published {T5_FILE} (or one written by write_random_t5)."]))
     model = model.to(dtype).to_empty(device=device)
     with torch.no_grad():
         for k, p in model.state_dict().items():

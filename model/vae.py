@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, key_mismatch_lines
 
 CACHE_T = 2
 Z_DIM = 16
@@ -604,21 +604,11 @@ def _load_state_dict(path: Path) -> dict:
 def check_vae_keys(sd: dict, dim: int, where: str) -> None:
     """Raise one VAECheckpointError listing every missing / unexpected key and shape mismatch."""
     want = expected_shapes(dim)
-    missing = sorted(set(want) - set(sd))
-    unexpected = sorted(set(sd) - set(want))
-    wrong = sorted(k for k in set(want) & set(sd) if tuple(sd[k].shape) != want[k])
-    if not (missing or unexpected or wrong):
-        return
-    lines = [f"{where}: the weights do not match the Wan2.1 VAE (dim={dim}, {len(want)} tensors expected, "
-             f"{len(sd)} in the file):"]
-    for title, keys, fmt in (("missing", missing, lambda k: f"{k} {want[k]}"),
-                             ("unexpected", unexpected, lambda k: f"{k} {tuple(sd[k].shape)}"),
-                             ("shape mismatch", wrong, lambda k: f"{k}: file {tuple(sd[k].shape)}, model {want[k]}")):
-        if keys:
-            lines.append(f"  {len(keys)} {title}: " + "; ".join(fmt(k) for k in keys[:8])
-                         + (" ..." if len(keys) > 8 else ""))
-    lines.append("  " + _FIX + " Nothing was loaded.")
-    raise VAECheckpointError("\n".join(lines))
+    lines = key_mismatch_lines(want, {k: v.shape for k, v in sd.items()})
+    if lines:
+        raise VAECheckpointError("\n".join([f"{where}: the weights do not match the Wan2.1 VAE (dim={dim}, "
+                                             f"{len(want)} tensors expected, {len(sd)} in the file):", *lines,
+                                             "  " + _FIX + " Nothing was loaded."]))
 
 
 # ---------------------------------------------------------------------------------------------------------------
