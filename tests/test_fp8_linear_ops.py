@@ -139,38 +139,10 @@ def test_save_load_fp8_weights(tiny, tmp_path):
         load_fp8_weights(other, path)
 
 
-def test_tiny_forward_cosine():
-    """The whole tiny model, one chunk with the audio branch, bf16: FP8LinearOps vs ReferenceOps."""
-    cfg = get_preset("tiny")
-    m = init_random_(build_empty(cfg, "cpu", torch.bfloat16), seed=1)
-    geo = VideoGeometry.parse("80*64")
-    rope = Rope3D(geo.grid_h, geo.grid_w)
-    g = torch.Generator().manual_seed(0)
-    text, clip = torch.randn(20, cfg.text_dim, generator=g), torch.randn(1, 257, cfg.clip_dim, generator=g)
-    audio = torch.randn(1, 53, 5, cfg.audio_layers, cfg.audio_channels, generator=g)
-    ch = ChunkLayout.for_chunk(0)
-    lat = torch.randn(16, ch.frames, geo.lat_h, geo.lat_w, generator=g)
-    y = torch.randn(20, ch.frames, geo.lat_h, geo.lat_w, generator=g)
-
-    def run():
-        ctx = m.embed_context(text, clip)
-        a = m.embed_audio(audio)
-        e, e0 = m.embed_time(torch.tensor([937.5]))
-        return m(lat, y, e, e0, ctx, m.chunk_audio_kv(a, ch), m.alloc_caches(geo.tokens_per_frame), rope, ch)
-
-    ref = run()
-    ops = FP8LinearOps(force_triton=True, free_bf16_weights=True)  # NaN bf16 weights: no FP8 layer may use them
-    m.set_ops(ops)
-    assert torch.isnan(m.blocks[0].ffn[0].weight).all() and m.blocks[0].ffn[0].weight.untyped_storage().nbytes() == 2
-    out = run()
-    assert torch.isfinite(out).all()
-    cos = _cos(out, ref)
-    print(f"tiny forward cosine FP8LinearOps vs ReferenceOps: {cos:.5f}")
-    assert cos >= 0.99, cos
-
-
-def _forward_cos(cfg, size, device):
-    m = init_random_(build_empty(cfg, device, torch.bfloat16), seed=2)
+def _forward_cos(cfg, size, device, ops, seed=2, check=None):
+    """One chunk (audio branch on) of a random model, bf16: `ops` vs ReferenceOps on the same inputs.
+    check(model) runs after the ops are installed.  Returns the output cosine."""
+    m = init_random_(build_empty(cfg, device, torch.bfloat16), seed=seed)
     geo = VideoGeometry.parse(size)
     rope = Rope3D(geo.grid_h, geo.grid_w, device=device)
     g = torch.Generator().manual_seed(0)
@@ -188,22 +160,35 @@ def _forward_cos(cfg, size, device):
         return m(to(lat), to(y), e, e0, ctx, m.chunk_audio_kv(a, ch), m.alloc_caches(geo.tokens_per_frame), rope, ch)
 
     ref = run()
-    m.set_ops(FP8LinearOps())
+    m.set_ops(ops)
     assert m.ops.enabled
+    if check is not None:
+        check(m)
     out = run()
     assert torch.isfinite(out).all()
     return _cos(out, ref)
 
 
+def test_tiny_forward_cosine():
+    """The whole tiny model, one chunk with the audio branch, bf16: FP8LinearOps vs ReferenceOps."""
+    def nan_weights(m):  # NaN bf16 weights: no FP8 layer may use them
+        w = m.blocks[0].ffn[0].weight
+        assert torch.isnan(w).all() and w.untyped_storage().nbytes() == 2
+    cos = _forward_cos(get_preset("tiny"), "80*64", "cpu", FP8LinearOps(force_triton=True, free_bf16_weights=True),
+                       seed=1, check=nan_weights)
+    print(f"tiny forward cosine FP8LinearOps vs ReferenceOps: {cos:.5f}")
+    assert cos >= 0.99, cos
+
+
 @pytest.mark.gpu
 def test_tiny_forward_gpu():
-    assert _forward_cos(get_preset("tiny"), "80*64", "cuda") >= 0.99
+    assert _forward_cos(get_preset("tiny"), "80*64", "cuda", FP8LinearOps()) >= 0.99
 
 
 @pytest.mark.gpu
 def test_real_width_one_block_gpu():
     """liveact-18b widths (D 5120, FFN 13824, 40 heads) with one block, 416x720 chunk 0 (7020 tokens)."""
-    assert _forward_cos(get_preset("liveact-18b").replace(num_layers=1), "416*720", "cuda") >= 0.99
+    assert _forward_cos(get_preset("liveact-18b").replace(num_layers=1), "416*720", "cuda", FP8LinearOps()) >= 0.99
 
 
 def test_calibrate_writes_policy(tmp_path, capsys):
