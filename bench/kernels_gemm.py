@@ -40,15 +40,21 @@ def _bench(fn, quick):
     return triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100)
 
 
-def _gemm_rows(name, m, k, n, epi, quick, dev):
-    from ..kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref, quantize_weight
-    from ..kernels.norm_quant import quantize_rows
+def _problem(m, k, n, dev):
+    """Random GEMM operands of one shape: x [m, k], w [n, k], bias, gate [n], residual [m, n] (bf16)."""
     g = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(m, k, device=dev, generator=g).bfloat16()
     w = (torch.randn(n, k, device=dev, generator=g) / k ** 0.5).bfloat16()
     bias = (0.1 * torch.randn(n, device=dev, generator=g)).bfloat16()
     gate = torch.randn(n, device=dev, generator=g).bfloat16()
     res = torch.randn(m, n, device=dev, generator=g).bfloat16()
+    return x, w, bias, gate, res
+
+
+def _gemm_rows(name, m, k, n, epi, quick, dev):
+    from ..kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref, quantize_weight
+    from ..kernels.norm_quant import quantize_rows
+    x, w, bias, gate, res = _problem(m, k, n, dev)
     qa = quantize_rows(x)
     wq, ws = quantize_weight(w)
     sa = qa.scale.reshape(m, 1)
@@ -196,12 +202,7 @@ def sweep(device="cuda", quick=False, parts=("gemm", "small", "producer")) -> li
     from ..kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref, quantize_weight
     rows = []
     for name, m, k, n, epi in (SHAPES[:4] if "gemm" in parts else []):
-        g = torch.Generator(device=device).manual_seed(0)
-        x = torch.randn(m, k, device=device, generator=g).bfloat16()
-        w = (torch.randn(n, k, device=device, generator=g) / k ** 0.5).bfloat16()
-        bias = (0.1 * torch.randn(n, device=device, generator=g)).bfloat16()
-        gate = torch.randn(n, device=device, generator=g).bfloat16()
-        res = torch.randn(m, n, device=device, generator=g).bfloat16()
+        x, w, bias, gate, res = _problem(m, k, n, device)
         qa, (wq, ws) = nq.quantize_rows(x), quantize_weight(w)
         exact = fp8_gemm_ref(qa, None, wq, ws, bias=bias, out_dtype=torch.float32)
         flops = 2.0 * m * n * k
