@@ -39,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--ring", action="store_true", help="use the ring-attention sequence-parallel path even on one "
                    "process (under torchrun with N > 1 processes it is used automatically)")
     p.add_argument("--vae", action="store_true", help="include the streaming VAE decode of every chunk")
+    p.add_argument("--profile", default=None, metavar="PATH",
+                   help="after the measured chunks, profile one more chunk (torch.profiler, CUDA kernels) and "
+                        "write the per-kernel table to PATH; a top-15 summary is printed")
     p.add_argument("--vae-mode", default="carry", choices=["carry", "overlap"],
                    help="carry = decode only the new latents with the carried causal cache; overlap = published")
     add_ops_arguments(p)
@@ -190,6 +193,7 @@ def _run(args, info) -> dict:
             bar.update(1)
     if bar:
         bar.close()
+    profile = _profile_chunk(eng, model.cfg, args, sync) if args.profile and main_rank else None
     measured = rows[args.warmup:]
     wall = sum(r["ms_chunk"] for r in measured) / 1e3
     frames = sum(r["frames"] for r in measured)
@@ -213,7 +217,34 @@ def _run(args, info) -> dict:
         if len(mem_series) > 4 and device.type == "cuda" else None,
         **tel,
     }
-    return {"summary": summary, "chunks": rows, "main_rank": main_rank}
+    return {"summary": summary, "chunks": rows, "main_rank": main_rank, "profile": profile}
+
+
+def _profile_chunk(eng, cfg, args, sync) -> dict:
+    """One more chunk under torch.profiler: GPU time per kernel name (per denoising step), the table to a file."""
+    from torch.profiler import ProfilerActivity, profile
+    audio = random_audio_window(cfg, args.chunks, args.seed)
+    sync()
+    t0 = time.perf_counter()
+    cuda = torch.cuda.is_available() and eng.model.device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        eng.generate_chunk(args.chunks, audio)
+        sync()
+    wall_ms = (time.perf_counter() - t0) * 1e3
+    events = prof.key_averages()
+    if cuda:   # GPU time of each kernel
+        dev_us = lambda e: getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+    else:      # CPU: self time of each op
+        dev_us = lambda e: e.self_cpu_time_total
+    kernels = sorted(((e.key, dev_us(e) / 1e3 / 3, e.count // 3) for e in events if dev_us(e) > 0),
+                     key=lambda t: -t[1])
+    with open(args.profile, "w") as f:
+        f.write(f"one chunk (3 steps) profiled; wall {wall_ms:.1f} ms (profiler overhead included)\n")
+        f.write(f"{'ms/step':>9} {'calls/step':>10}  kernel\n")
+        for name, ms, calls in kernels:
+            f.write(f"{ms:9.3f} {calls:10d}  {name[:160]}\n")
+    return {"wall_ms_chunk": round(wall_ms, 1), "kernel_ms_per_step": round(sum(k[1] for k in kernels), 2),
+            "top": [{"kernel": n[:120], "ms_per_step": round(ms, 3), "calls_per_step": c} for n, ms, c in kernels[:15]]}
 
 
 def print_report(res: dict, max_rows: int = 40) -> None:
@@ -229,6 +260,12 @@ def print_report(res: dict, max_rows: int = 40) -> None:
               "peak_mem_gib", "cache_gib", "mem_flat_after_chunk3", "sm_clock_mhz", "power_w"):
         if s.get(k) is not None:
             print(f"  {k:<24} {s[k]}")
+    prof = res.get("profile")
+    if prof:
+        print(f"\nprofile of one chunk: kernel/op time {prof['kernel_ms_per_step']} ms/step "
+              f"(wall {prof['wall_ms_chunk']} ms/chunk incl. profiler overhead); top kernels:")
+        for t in prof["top"]:
+            print(f"  {t['ms_per_step']:9.3f} ms/step {t['calls_per_step']:6d} calls  {t['kernel'][:90]}")
 
 
 def main(args) -> int:

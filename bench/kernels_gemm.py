@@ -9,7 +9,7 @@ Side by side in one run, at the LiveAct shapes (M = 9360 tokens of one 8-frame c
                 rel_err_bf16 = vs the bf16 product of the unquantized inputs.
   producer rows norm_modulate_quant / layer_norm_quant / quantize_rows / bf16 variant / the torch reference chain,
                 TB/s = bytes moved / time, ratio = vs a device-to-device copy of the same bytes.
-Times: triton.testing.do_bench medians on random data.
+Times: triton.testing.do_bench medians on random data; GEMM rows: the median of 3 interleaved rounds.
 
     python -m liveact.bench.kernels_gemm [--quick] [--json out.json]
 """
@@ -28,6 +28,9 @@ SHAPES = [  # (name, M, K, N, epilogue of that layer in the model)
     ("qkv", 9360, 5120, 15360, "none"),
     ("audio_kv", 257, 768, 10240, "none"),
 ]
+
+
+ROUNDS = 3   # each GEMM timing = median of ROUNDS interleaved do_bench medians
 
 
 def _rel(a, b):
@@ -62,19 +65,20 @@ def _gemm_rows(name, m, k, n, epi, quick, dev):
     shape = f"{m}x{k}->{n} ({name})"
     exact = fp8_gemm_ref(qa, None, wq, ws, bias=bias, out_dtype=torch.float32)
     bf16 = F.linear(x, w, bias)
-    rows = []
+    rows, timed = [], []
 
     def add(impl, fn, ref=exact, ref_bf16=bf16, kind=""):
         try:
             out = fn()
             torch.cuda.synchronize()
-            ms = _bench(fn, quick)
         except Exception as e:  # noqa: BLE001 - report the failure in the table, keep benchmarking
             rows.append(dict(kernel="gemm", shape=shape, impl=impl, error=f"{type(e).__name__}: {e}"[:300]))
             return
-        rows.append(dict(kernel="gemm", shape=shape, impl=impl, ms=ms, tflops=flops / ms * 1e-9, acc=kind,
-                         rel_err=_rel(out, ref) if ref is not None else None,
-                         rel_err_bf16=_rel(out, ref_bf16) if ref_bf16 is not None else None))
+        row = dict(kernel="gemm", shape=shape, impl=impl, acc=kind, times=[],
+                   rel_err=_rel(out, ref) if ref is not None else None,
+                   rel_err_bf16=_rel(out, ref_bf16) if ref_bf16 is not None else None)
+        rows.append(row)
+        timed.append((row, fn))
 
     ek = dict(bias=bias, epilogue=epi, residual=res, gate=gate)
     if epi != "none":
@@ -98,6 +102,12 @@ def _gemm_rows(name, m, k, n, epi, quick, dev):
             y = torch._scaled_mm(qa.data, wq.t(), scale_a=sa, scale_b=ws.reshape(1, n), bias=bias, out_dtype=torch.bfloat16)
             return F.gelu(y, approximate="tanh")
         add("torch_unfused+gelu", unfused, ref=ref_epi, ref_bf16=bf_epi, kind="accurate")
+    for _ in range(ROUNDS):   # interleaved rounds: clock / thermal drift hits every implementation alike
+        for row, fn in timed:
+            row["times"].append(_bench(fn, quick))
+    for row, _ in timed:
+        row["ms"] = sorted(row["times"])[len(row["times"]) // 2]
+        row["tflops"] = flops / row["ms"] * 1e-9
     base = {r["impl"]: r.get("ms") for r in rows}
     for r in rows:
         if "ms" not in r or not base.get("cublas_bf16"):
@@ -178,21 +188,34 @@ def run(device="cuda", quick=False) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------ tuning sweep
-SWEEP_GEMM = {  # name: (fast_accum, config) -- explicit configs, bypassing the autotuner
-    "acc 256x128x128 s3": (False, dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, num_stages=3, num_warps=8)),
-    "acc 256x128x128 s3 sub": (False, dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, num_stages=3, num_warps=8, SUBTILE=True)),
-    "acc 256x128x128 s4 sub": (False, dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, num_stages=4, num_warps=8, SUBTILE=True)),
-    "acc 256x128x128 s3 ws": (False, dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, num_stages=3, num_warps=8, WARP_SPEC=True)),
-    "acc 128x128x256 s3 sub": (False, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=256, num_stages=3, num_warps=8, SUBTILE=True)),
-    "acc 128x256x128 s3 sub": (False, dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, num_stages=3, num_warps=8, SUBTILE=True)),
-    "fast 128x256x128 s3": (True, dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, num_stages=3, num_warps=8)),
-    "fast 128x256x128 s4 sub": (True, dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, num_stages=4, num_warps=8, SUBTILE=True)),
-    "fast 128x256x128 s3 ws": (True, dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, num_stages=3, num_warps=8, WARP_SPEC=True)),
-    "fast 256x128x128 s3 sub": (True, dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, num_stages=3, num_warps=8, SUBTILE=True)),
+def _c(bm, bn, bk, stages, **kw):
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_stages=stages, num_warps=8, **kw)
+
+
+SWEEP_GEMM = {  # name: (fast_accum, config) -- explicit configs, bypassing the fixed table
+    "acc 256x128x128 s3": (False, _c(256, 128, 128, 3)),
+    "acc 256x128x128 s3 sub": (False, _c(256, 128, 128, 3, SUBTILE=True)),
+    "acc 256x128x128 s4 sub": (False, _c(256, 128, 128, 4, SUBTILE=True)),
+    "acc 256x128x128 s3 ws": (False, _c(256, 128, 128, 3, WARP_SPEC=True)),
+    "acc 256x128x128 s4 sub ws": (False, _c(256, 128, 128, 4, SUBTILE=True, WARP_SPEC=True)),
+    "acc 256x128x128 s3 ws g16": (False, _c(256, 128, 128, 3, WARP_SPEC=True, GROUP_M=16)),
+    "acc 256x128x256 s2 sub": (False, _c(256, 128, 256, 2, SUBTILE=True)),
+    "acc 256x128x256 s2 sub promote256": (False, _c(256, 128, 256, 2, SUBTILE=True, PROMOTE=256)),
+    "fast 128x256x128 s3": (True, _c(128, 256, 128, 3)),
+    "fast 128x256x128 s4 sub": (True, _c(128, 256, 128, 4, SUBTILE=True)),
+    "fast 128x256x128 s3 ws": (True, _c(128, 256, 128, 3, WARP_SPEC=True)),
 }
-SWEEP_PRODUCER = {5120: [(1, 16, False), (1, 16, True), (1, 4, False), (1, 4, True), (1, 2, True), (1, 8, True),
-                         (2, 4, True), (2, 8, True)],
-                  13824: [(1, 4, True), (1, 8, True), (1, 16, True)]}
+SWEEP_EPILOGUE = {  # configs tried with the layer's own epilogue (gelu / gated residual)
+    "gelu": ["acc 256x128x128 s3", "acc 256x128x128 s3 sub", "acc 256x128x128 s4 sub"],
+    "gated_residual": ["acc 256x128x128 s3 sub", "acc 256x128x256 s2 sub"],
+}
+SWEEP_RISKY = {  # warp specialization with an epilogue: may abort the compiler (KERNELS.md 0) -> own process
+    "gelu": ["acc 256x128x128 s3 ws"], "gated_residual": ["acc 256x128x128 s3 sub ws"]}
+SWEEP_GEMM["acc 256x128x128 s3 sub ws"] = (False, _c(256, 128, 128, 3, SUBTILE=True, WARP_SPEC=True))
+SWEEP_PRODUCER = {  # (rows per program, warps, hardware e4m3 cast, split K into unpadded power-of-two parts)
+    5120: [(1, 4, True, False), (1, 4, True, True), (1, 2, True, False), (1, 2, True, True), (1, 1, True, True),
+           (2, 2, True, True), (2, 4, True, True)],
+    13824: [(1, 8, True, True), (1, 4, True, True)]}
 
 
 def sweep(device="cuda", quick=False, parts=("gemm", "small", "producer")) -> list[dict]:
@@ -201,7 +224,10 @@ def sweep(device="cuda", quick=False, parts=("gemm", "small", "producer")) -> li
     from ..kernels import norm_quant as nq
     from ..kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref, quantize_weight
     rows = []
-    for name, m, k, n, epi in (SHAPES[:4] if "gemm" in parts else []):
+    risky = "risky" in parts
+    for name, m, k, n, epi in (SHAPES[:4] if "gemm" in parts or risky else []):
+        if risky and epi == "none":
+            continue
         x, w, bias, gate, res = _problem(m, k, n, device)
         qa, (wq, ws) = nq.quantize_rows(x), quantize_weight(w)
         exact = fp8_gemm_ref(qa, None, wq, ws, bias=bias, out_dtype=torch.float32)
@@ -213,13 +239,19 @@ def sweep(device="cuda", quick=False, parts=("gemm", "small", "producer")) -> li
         for cname, (fast, cfg) in SWEEP_GEMM.items():
             cases.append((cname, lambda fast=fast, cfg=cfg: fp8_gemm(qa, None, wq, ws, bias=bias, fast_accum=fast,
                                                                      config=dict(cfg)), exact))
-        if epi == "gated_residual":
+        if risky:
+            cases = []
+        if epi != "none":
             ref_epi = fp8_gemm_ref(qa, None, wq, ws, bias=bias, epilogue=epi, residual=res.float(), gate=gate.float(),
                                    out_dtype=torch.float32)
-            for cname in ("acc 256x128x128 s3", "acc 256x128x128 s3 sub", "acc 256x128x128 s4 sub"):
+            ek = dict(bias=bias, epilogue=epi, residual=res, gate=gate)
+            cases.append(("table +" + epi, lambda: fp8_gemm(qa, None, wq, ws, **ek), ref_epi))
+            for cname in (SWEEP_RISKY if risky else SWEEP_EPILOGUE)[epi]:
                 cfg = SWEEP_GEMM[cname][1]
-                cases.append((cname + " +gated", lambda cfg=cfg: fp8_gemm(
-                    qa, None, wq, ws, bias=bias, epilogue=epi, residual=res, gate=gate, config=dict(cfg)), ref_epi))
+                cases.append((cname + " +" + epi, lambda cfg=cfg: fp8_gemm(qa, None, wq, ws, config=dict(cfg), **ek),
+                              ref_epi))
+        if not risky:
+            cases.append(("table", lambda: fp8_gemm(qa, None, wq, ws, bias=bias), exact))
         for cname, fn, ref in cases:
             try:
                 out = fn()
@@ -283,9 +315,12 @@ def _sweep_producer(device, quick):
         shift = (0.1 * torch.randn(1, 1, k, device=device)).bfloat16()
         scale = (0.1 * torch.randn(1, 1, k, device=device)).bfloat16()
         nbytes = m * k * 3 + m * 4
+        w = (1 + 0.1 * torch.randn(k, device=device)).bfloat16()
+        b = (0.1 * torch.randn(k, device=device)).bfloat16()
         fns = {"q": lambda: nq.quantize_rows(x)}
         if k == 5120:
             fns["nm"] = lambda: nq.norm_modulate_quant(x, shift, scale, 1e-6)
+            fns["ln"] = lambda: nq.layer_norm_quant(x, w, b, 1e-6)
         base = {c: f() for c, f in fns.items()}
         for ov in overrides:
             nq.SETTINGS_OVERRIDE = ov
@@ -295,7 +330,8 @@ def _sweep_producer(device, quick):
                     same = torch.equal(out.data.view(torch.uint8), base[cname].data.view(torch.uint8))
                     ms = _bench(fn, quick)
                     rows.append(dict(kernel="sweep-producer", shape=f"{m}x{k}", ms=ms, tbps=nbytes / ms * 1e-9,
-                                     impl=f"{cname} rows{ov[0]} w{ov[1]} hw{int(ov[2])}", same_bits=same))
+                                     impl=f"{cname} rows{ov[0]} w{ov[1]} hw{int(ov[2])} split{int(ov[3])}",
+                                     same_bits=same))
                 except Exception as e:  # noqa: BLE001
                     rows.append(dict(kernel="sweep-producer", shape=f"{m}x{k}", impl=f"{cname} {ov}", error=str(e)[:200]))
             nq.SETTINGS_OVERRIDE = None
@@ -326,7 +362,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="two GEMM shapes, shorter timing")
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.add_argument("--sweep", nargs="?", const="gemm,small,producer", default=None, metavar="PARTS",
-                   help="tuning sweep (explicit configs) instead of the comparison; parts: gemm,small,producer")
+                   help="tuning sweep (explicit configs) instead of the comparison; parts: gemm,small,producer,risky "
+                        "(risky = warp specialization with epilogues, may abort the compiler: run it alone)")
     args = p.parse_args(argv)
     rows = sweep(quick=args.quick, parts=args.sweep.split(",")) if args.sweep else run(quick=args.quick)
     print_table(rows)

@@ -23,18 +23,17 @@ Accumulation (KERNELS.md 1.1, 7.1): Hopper's fp8 wgmma accumulates in ~FP22.  De
 accumulator every PROMOTE = min(BLOCK_K, 128) products (as DeepSeek-V3).  `fast_accum=True` accumulates all of K inside the tensor core (faster, ~2e-3 extra rel. error
 measured at K=5120); compare it with `torch._scaled_mm(use_fast_accum=True)`.
 
-Autotune configs (GPU; key M, N, K, epilogue, accumulation; all 8 warps, BK 128, GROUP_M 8):
-    accurate  256x128 s3 | 256x128 s3 warp-specialized (plain epilogue only) | 256x128 s3/s4 C-subtiled | 128x128 s4
-    fast      128x256 s3 | 128x256 s3 warp-specialized (plain epilogue only) | 128x256 s4 C-subtiled    | 128x128 s4
+Configs (GPU; fixed per (accumulation, epilogue family) in LARGE_M_CONFIGS, no autotuner: the same config
+varies by up to 10 % between processes, so autotuned picks drifted; all 8 warps, BK 128, GROUP_M 8; the first
+candidate that compiles is kept).  Picked as the steadiest over two sweeps (bench/NOTES.md):
+    accurate  256x128 s3 C-subtiled (every epilogue; 993-1052 TFLOP/s plain)
+    fast      128x256 s4 C-subtiled (1241-1336 TFLOP/s plain)
+    M < 1024  128x128 s4
 C-subtiled = the C tile leaves as two TMA stores of BN/2 columns (half the shared memory): the residual epilogues
 only fit with it at 256x128 (the compiler needs ~64 KB of layout-conversion scratch for them).
-Measured on the H100 (see bench/NOTES.md), 4 large shapes: explicit best configs (--sweep) accurate 1013-1067
-TFLOP/s = 0.95-1.01x _scaled_mm row-wise (default accumulation), fast 1238-1344 = 0.96-1.01x
-_scaled_mm(use_fast_accum=True); autotuned default path (bench run): accurate 951-1028 TFLOP/s = 0.94-1.00x
-_scaled_mm, 1.36-1.46x cuBLAS bf16; fast 1232-1270 = 0.98-1.06x _scaled_mm fast.  Fused epilogues: +gelu /
-+gated residual 885-962 TFLOP/s, 1.06-1.25x the unfused torch path (_scaled_mm + elementwise).  Small M
-(257 x 768 -> 10240): GPU time ~11-17 us (CUDA graph) but ~100-190 us of Python per call (descriptors +
-autotuner dispatch): capture in a CUDA graph.
+Measured on the H100: see bench/NOTES.md (FP8 GEMM section) and `liveact bench kernels --only gemm`; explicit
+config sweeps with `python -m liveact.bench.kernels_gemm --sweep`.  Small M (257 x 768 -> 10240): GPU time
+~11-17 us but ~100 us of Python per call (descriptors): capture in a CUDA graph.
 Interpreter (CPU tests): one fixed config, 64 x 128 x 128, 3 persistent programs (or `config=` given);
 MANUAL (= interpreting) widens the fp8 tiles to fp32 before tl.dot (exact products, fast numpy matmul) and
 rounds to bf16 by hand (the interpreter's bf16 cast truncates).  On the GPU both are compiled out.
@@ -131,37 +130,31 @@ def _fp8_gemm_kernel(a_desc, w_desc, c_desc, SA, SW, BIAS, GATE, R,
 
 
 # --------------------------------------------------------------------------------------------- host
-def _set_blocks(nargs):
-    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
-    nargs["a_desc"].block_shape = [bm, bk]
-    nargs["w_desc"].block_shape = [bn, bk]
-    nargs["c_desc"].block_shape = [bm, bn // 2 if nargs.get("SUBTILE") else bn]
+def _cfg(bm, bn, bk, stages, warps=8, subtile=False, ws=False):
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SUBTILE=subtile, WARP_SPEC=ws, num_stages=stages, num_warps=warps)
 
 
-def _cfg(bm, bn, bk, stages, warps, subtile=False, ws=False):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "SUBTILE": subtile,
-                          "WARP_SPEC": ws, "PROMOTE": min(bk, 128)}, num_stages=stages, num_warps=warps,
-                         pre_hook=_set_blocks)
-
-
-# accurate accumulation: 256-row tiles keep the extra partial-sum registers affordable (sweep: 1013-1067 TF/s)
-ACC_CONFIGS = [_cfg(256, 128, 128, 3, 8), _cfg(256, 128, 128, 3, 8, ws=True), _cfg(256, 128, 128, 3, 8, subtile=True),
-               _cfg(256, 128, 128, 4, 8, subtile=True), _cfg(128, 128, 128, 4, 8)]
-# fast accumulation (sweep: 1238-1344 TF/s)
-FAST_CONFIGS = [_cfg(128, 256, 128, 3, 8), _cfg(128, 256, 128, 3, 8, ws=True), _cfg(128, 256, 128, 4, 8, subtile=True),
-                _cfg(128, 128, 128, 4, 8)]
+# Fixed per-shape configs (no autotuner: its picks drifted by up to 10 % between runs, bench/NOTES.md).
+# Key: (fast accumulation, epilogue family) for M >= 1024; candidates in order, the first that compiles is kept
+# (the residual epilogues need C subtiling at 256x128: ~64 KB of layout-conversion scratch).
+LARGE_M_CONFIGS = {
+    (False, "none"): [_cfg(256, 128, 128, 3, subtile=True), _cfg(128, 128, 128, 4)],
+    (False, "gelu"): [_cfg(256, 128, 128, 3, subtile=True), _cfg(128, 128, 128, 4)],
+    (False, "residual"): [_cfg(256, 128, 128, 3, subtile=True), _cfg(128, 128, 128, 4)],
+    (True, "none"): [_cfg(128, 256, 128, 4, subtile=True), _cfg(128, 256, 128, 3, subtile=True)],
+    (True, "gelu"): [_cfg(128, 256, 128, 4, subtile=True), _cfg(128, 256, 128, 3, subtile=True)],
+    (True, "residual"): [_cfg(128, 256, 128, 4, subtile=True), _cfg(128, 256, 128, 3, subtile=True),
+                         _cfg(128, 128, 128, 4)],
+}
+SMALL_M_CONFIG = _cfg(128, 128, 128, 4)   # M < 1024 (audio / context projections): latency bound
 INTERPRET_CONFIG = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=2, NUM_SMS=3)
+_chosen = {}   # (fast, family) -> index of the first candidate that compiled
 
 
-def _prune(configs, named_args, **kw):
-    """Configs of the requested accumulation kind; warp specialization only with the plain epilogue (it was
-    only measured there; autoWS has crashed the compiler on other loops, KERNELS.md 0)."""
-    pool = FAST_CONFIGS if kw.get("FAST_ACC") else ACC_CONFIGS
-    return [c for c in configs if c in pool and (kw.get("EPILOGUE", 0) == 0 or not c.kwargs["WARP_SPEC"])]
+def _family(epilogue: str) -> str:
+    return "residual" if epilogue in ("gated_residual", "residual") else epilogue
 
 
-_autotuned = triton.autotune(ACC_CONFIGS + FAST_CONFIGS, key=["M", "N", "K", "EPILOGUE", "HAS_BIAS", "FAST_ACC"],
-                             prune_configs_by={"early_config_prune": _prune})(_fp8_gemm_kernel)
 _num_sms = {}
 
 
@@ -237,15 +230,26 @@ def fp8_gemm(a, a_scale: Optional[torch.Tensor], w: torch.Tensor, w_scale: torch
                 EPILOGUE=EPILOGUES[epilogue], HAS_BIAS=bias is not None, FAST_ACC=bool(fast_accum),
                 MANUAL=interpreting(), OUT_DTYPE=_TL_DTYPES[out_dtype])
     if config is None and not interpreting():
-        dummy = [16, 16]
-        a_d = TensorDescriptor(a, [m, k], [a.stride(0), 1], dummy)
-        w_d = TensorDescriptor(w, [n, k], [w.stride(0), 1], dummy)
-        c_d = TensorDescriptor(out, [m, n], [n, 1], dummy)
-        nsm = _sms(a.device)
-        grid = lambda meta: (min(nsm, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)
-        _autotuned[grid](a_d, w_d, c_d, NUM_SMS=nsm, **args)
-        return out
-    cfg = dict(INTERPRET_CONFIG if config is None else config)
+        if m < 1024:
+            return _launch(a, w, out, args, dict(SMALL_M_CONFIG))
+        key = (bool(fast_accum), _family(epilogue))
+        cands = LARGE_M_CONFIGS[key]
+        for i in range(_chosen.get(key, 0), len(cands)):
+            try:
+                out = _launch(a, w, out, args, dict(cands[i]))
+            except triton.runtime.errors.OutOfResources:
+                if i + 1 == len(cands):
+                    raise
+                continue
+            _chosen[key] = i
+            return out
+    return _launch(a, w, out, args, dict(INTERPRET_CONFIG if config is None else config))
+
+
+def _launch(a, w, out, args, cfg):
+    """One persistent launch with an explicit config (tile, stages, warps, subtiling, warp specialization)."""
+    m, k = a.shape
+    n = w.shape[0]
     cfg.setdefault("GROUP_M", 8)
     cfg.setdefault("PROMOTE", min(cfg["BLOCK_K"], 128))
     nsm = cfg.pop("NUM_SMS", None) or (_sms(a.device) if a.is_cuda else 4)

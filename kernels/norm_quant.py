@@ -18,14 +18,17 @@ cast is exact.  Both equal torch's `clamp(-448, 448).to(float8_e4m3fn)` (bit-ide
 rounding cost 25 % of the bandwidth there: 1.86 vs 2.46 TB/s).
 
 Bytes per row (bf16 in, fp8 out): 2K read + K + 4 written (+ 2*2K for shift/scale, L2-resident);
-FLOPs ~ 10 per element (negligible): bandwidth bound.  At M=9360, K=5120: 144 MB -> 48 us at 3 TB/s.
+FLOPs ~ 10 per element; the floor is the bytes: at M=9360, K=5120, 144 MB -> 48 us at 3 TB/s.
 
-Configs (no autotune): BLOCK = next_power_of_2(K), one row per program, num_warps 4 up to BLOCK 8192, else 8
-(measured on the H100 at 9360 x 5120: 4 warps 2.67 TB/s for quantize_rows vs 1.86 with Liger's 16).
-Measured (H100, same-size d2d copy 2.76 TB/s, 2 GiB copy 3.02): quantize_rows 2.65 TB/s (96 %; 2.92 at K=13824),
-norm_modulate bf16 out 2.42 (88 %), norm_modulate_quant 1.78 (64 %), layer_norm_quant affine 1.46 (53 %);
-the torch reference chain (norm_modulate + quantize) 0.08 TB/s = 22x slower.  The quantizing LN variants are
-latency bound (three dependent row reductions at low occupancy: ~64 fp32 registers of row per thread).  Modulation vectors may be per channel [K] (row stride 0) or per token [M, K].
+Configs (no autotune): one row per program; the row is one or two unpadded power-of-two parts (K = 5120 =
+4096 + 1024: no masked lanes; other K: one part padded to next_power_of_2(K)); num_warps 2 for the LayerNorm
+variants (K <= 8192), 4 for quantize_rows, 8 above K = 8192.  Why (H100, 9360 x 5120): the LayerNorm
+variants behave as issue bound, not DRAM bound (inferred: 1.14 us per row per SM matches ~30 instructions per
+lane plus three dependent row reductions, and time follows lanes and warps, not bytes), so padded lanes (8192 for 5120) and cross-warp reductions cost time directly; the first
+version (one padded part, 4 warps) reached norm_modulate_quant 1.78-1.83 TB/s (64 %), the split with 2 warps
+2.32 TB/s (83 % of a 2.79 TB/s same-size copy) in the sweep; quantize_rows stays at 2.65 TB/s (96 %).
+Timings of these kernels move with the SM clock (power throttling after GEMM-heavy work): compare within a run.
+Modulation vectors may be per channel [K] (row stride 0) or per token [M, K].
 """
 from __future__ import annotations
 
@@ -90,23 +93,23 @@ def _round_to(y, dt: tl.constexpr, MANUAL: tl.constexpr):
 
 
 @triton.jit
-def _row_kernel(X, W, B, SHIFT, SCALE, Y, YB, S,
-                M, K, stride_x, stride_mod, stride_y, stride_yb, eps,
-                NORM: tl.constexpr, AFFINE: tl.constexpr, MODULATE: tl.constexpr,
-                QUANT: tl.constexpr, STORE_BF16: tl.constexpr, MANUAL: tl.constexpr,
-                ROWS: tl.constexpr, BLOCK: tl.constexpr, HW_CVT: tl.constexpr = False):
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK)
-    rmask = rows < M
-    mask = rmask[:, None] & (cols < K)[None, :]
+def _load_part(X, rows, rmask, stride_x, C0: tl.constexpr, B: tl.constexpr, K, PADDED: tl.constexpr):
+    cols = C0 + tl.arange(0, B)
+    if PADDED:
+        mask = rmask[:, None] & (cols < K)[None, :]
+    else:
+        mask = rmask[:, None] & (cols < C0 + B)[None, :]   # row mask only (folded by the compiler)
     x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
-    rdt = x.dtype  # the model dtype: every reference rounding step goes through it
-    y = x.to(tl.float32)
+    return x, cols, mask
+
+
+@triton.jit
+def _finish_part(d, rstd, cols, mask, rows, W, B, SHIFT, SCALE, stride_mod, K,
+                 rdt: tl.constexpr, NORM: tl.constexpr, AFFINE: tl.constexpr, MODULATE: tl.constexpr,
+                 MANUAL: tl.constexpr):
+    """Normalised (or raw) part -> the model-dtype rounded y (fp32 values) of the reference chain."""
+    y = d
     if NORM:
-        mean = tl.sum(y, axis=1) / K
-        d = tl.where(mask, y - mean[:, None], 0.0)
-        var = tl.sum(d * d, axis=1) / K
-        rstd = tl.math.div_rn(tl.full((ROWS,), 1.0, tl.float32), tl.math.sqrt_rn(var + eps))
         y = d * rstd[:, None]
         if AFFINE:
             w = tl.load(W + cols, mask=cols < K, other=0.0).to(tl.float32)
@@ -119,18 +122,74 @@ def _row_kernel(X, W, B, SHIFT, SCALE, Y, YB, S,
         sh = tl.load(SHIFT + mod, mask=mask, other=0.0).to(tl.float32)
         one_plus = _round_to(sc.to(tl.float32) + 1.0, sc.dtype, MANUAL)  # (1 + scale) in the modulation dtype
         y = _round_to(y * one_plus + sh, rdt, MANUAL)
+    return y
+
+
+@triton.jit
+def _store_part(y, inv, cols, mask, rows, Y, YB, stride_y, stride_yb,
+                QUANT: tl.constexpr, STORE_BF16: tl.constexpr, HW_CVT: tl.constexpr):
     if STORE_BF16:
         tl.store(YB + rows[:, None] * stride_yb + cols[None, :], y.to(YB.dtype.element_ty), mask=mask)
     if QUANT:
-        amax = tl.max(tl.where(mask, tl.abs(y), 0.0), axis=1)
-        s = tl.maximum(amax / 448.0, 1e-12)
-        inv = tl.math.div_rn(tl.full((ROWS,), 1.0, tl.float32), s)
         if HW_CVT:  # GPU cvt.rn.satfinite: the same nearest-even rounding, in hardware
             q = tl.minimum(tl.maximum(y * inv[:, None], -448.0), 448.0)
         else:
             q = _round_e4m3(y * inv[:, None])
         tl.store(Y + rows[:, None] * stride_y + cols[None, :], q.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _row_kernel(X, W, B, SHIFT, SCALE, Y, YB, S,
+                M, K, stride_x, stride_mod, stride_y, stride_yb, eps,
+                NORM: tl.constexpr, AFFINE: tl.constexpr, MODULATE: tl.constexpr,
+                QUANT: tl.constexpr, STORE_BF16: tl.constexpr, MANUAL: tl.constexpr,
+                ROWS: tl.constexpr, BLOCK: tl.constexpr, BLOCK2: tl.constexpr = 0, PADDED: tl.constexpr = True,
+                HW_CVT: tl.constexpr = False):
+    """A row as one or two power-of-two parts [ROWS, BLOCK] (+ [ROWS, BLOCK2]); PADDED: the parts cover
+    more than K channels (masked), else exactly K (no column masks, no padded lanes)."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    rmask = rows < M
+    x1, c1, m1 = _load_part(X, rows, rmask, stride_x, 0, BLOCK, K, PADDED)
+    rdt = x1.dtype  # the model dtype: every reference rounding step goes through it
+    d1 = x1.to(tl.float32)
+    if BLOCK2 > 0:
+        x2, c2, m2 = _load_part(X, rows, rmask, stride_x, BLOCK, BLOCK2, K, PADDED)
+        d2 = x2.to(tl.float32)
+    rstd = tl.zeros((ROWS,), tl.float32)
+    if NORM:
+        tot = tl.sum(d1, axis=1)
+        if BLOCK2 > 0:
+            tot += tl.sum(d2, axis=1)
+        mean = tot / K
+        d1 = d1 - mean[:, None]
+        if PADDED:
+            d1 = tl.where(m1, d1, 0.0)
+        ss = tl.sum(d1 * d1, axis=1)
+        if BLOCK2 > 0:
+            d2 = d2 - mean[:, None]
+            ss += tl.sum(d2 * d2, axis=1)
+        var = ss / K
+        rstd = tl.math.div_rn(tl.full((ROWS,), 1.0, tl.float32), tl.math.sqrt_rn(var + eps))
+    y1 = _finish_part(d1, rstd, c1, m1, rows, W, B, SHIFT, SCALE, stride_mod, K, rdt, NORM, AFFINE, MODULATE, MANUAL)
+    inv = rstd
+    if QUANT:
+        if PADDED:
+            amax = tl.max(tl.where(m1, tl.abs(y1), 0.0), axis=1)
+        else:
+            amax = tl.max(tl.abs(y1), axis=1)
+        if BLOCK2 > 0:
+            y2 = _finish_part(d2, rstd, c2, m2, rows, W, B, SHIFT, SCALE, stride_mod, K, rdt, NORM, AFFINE,
+                              MODULATE, MANUAL)
+            amax = tl.maximum(amax, tl.max(tl.abs(y2), axis=1))
+        s = tl.maximum(amax / 448.0, 1e-12)
+        inv = tl.math.div_rn(tl.full((ROWS,), 1.0, tl.float32), s)
         tl.store(S + rows, s, mask=rmask)
+    elif BLOCK2 > 0:
+        y2 = _finish_part(d2, rstd, c2, m2, rows, W, B, SHIFT, SCALE, stride_mod, K, rdt, NORM, AFFINE,
+                          MODULATE, MANUAL)
+    _store_part(y1, inv, c1, m1, rows, Y, YB, stride_y, stride_yb, QUANT, STORE_BF16, HW_CVT)
+    if BLOCK2 > 0:
+        _store_part(y2, inv, c2, m2, rows, Y, YB, stride_y, stride_yb, QUANT, STORE_BF16, HW_CVT)
 
 
 # --------------------------------------------------------------------------------------------- host
@@ -144,19 +203,28 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-SETTINGS_OVERRIDE = None  # (ROWS, num_warps, hw_cvt) for benchmark sweeps
+SETTINGS_OVERRIDE = None  # (ROWS, num_warps, hw_cvt, split) for benchmark sweeps
 
 
-def _settings(k: int):
-    """(BLOCK, ROWS per program, num_warps, hardware e4m3 cast): one row per program on the GPU, 16K elements
-    per program in the interpreter (its cost is per program, not per element)."""
-    block = triton.next_power_of_2(k)
-    rows = 1 if not interpreting() else max(1, min(64, 16384 // block))
-    warps = 4 if block <= 8192 else 8
-    hw = not interpreting()
+def _split(k: int):
+    """K as two power-of-two parts (5120 = 4096 + 1024: no padded lanes), else one padded part."""
+    b1 = 1 << (k.bit_length() - 1)
+    r = k - b1
+    if r and r & (r - 1) == 0:
+        return b1, r
+    return (b1, 0) if r == 0 else (triton.next_power_of_2(k), 0)
+
+
+def _settings(k: int, norm: bool):
+    """(BLOCK, BLOCK2, ROWS per program, num_warps, hardware e4m3 cast): one row per program on the GPU, 16K
+    elements per program in the interpreter (its cost is per program, not per element)."""
+    rows = 1 if not interpreting() else max(1, min(64, 16384 // triton.next_power_of_2(k)))
+    hw, split = not interpreting(), True
+    warps = (2 if norm else 4) if k <= 8192 else 8
     if SETTINGS_OVERRIDE is not None:
-        rows, warps, hw = SETTINGS_OVERRIDE
-    return block, rows, warps, hw
+        rows, warps, hw, split = SETTINGS_OVERRIDE
+    block, block2 = _split(k) if split else (triton.next_power_of_2(k), 0)
+    return block, block2, rows, warps, hw
 
 
 def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -202,14 +270,14 @@ def _launch(x, w=None, b=None, shift=None, scale=None, eps=1e-6, norm=True, quan
             b = torch.zeros_like(w)
         w, b = w.contiguous(), b.contiguous()
     if m:
-        block, rows, warps, hw = _settings(k)
+        block, block2, rows, warps, hw = _settings(k, norm)
         dummy = x2
         _row_kernel[(triton.cdiv(m, rows),)](x2, w if affine else dummy, b if affine else dummy, shift if mod else dummy,
                           scale if mod else dummy, q if quant else dummy, yb if store_bf16 else dummy,
                           s if quant else dummy, m, k, x2.stride(0), stride_mod, k, k, float(eps),
                           NORM=norm, AFFINE=affine, MODULATE=mod, QUANT=quant, STORE_BF16=store_bf16,
-                          MANUAL=interpreting(), ROWS=rows, BLOCK=block, HW_CVT=hw,
-                                              num_warps=warps)
+                          MANUAL=interpreting(), ROWS=rows, BLOCK=block, BLOCK2=block2,
+                          PADDED=block + block2 != k, HW_CVT=hw, num_warps=warps)
     if quant:
         return QuantAct(q.view(*lead, k), s.view(lead), x.dtype, yb.view(*lead, k) if store_bf16 else None)
     return yb.view(*lead, k)

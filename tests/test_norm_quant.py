@@ -1,6 +1,6 @@
 """kernels/norm_quant.py: per-token FP8 quantization and the fused LN(+affine)(+adaLN)(+quant) producer.
 
-CPU: Triton interpreter at small odd shapes (M not a multiple of the rows per program, K not a power of two),
+CPU: Triton interpreter at small odd shapes (M not a multiple of the rows per program, K not a power of two: one padded part, or two unpadded power-of-two parts),
 fresh random data with outlier channels (a few columns x50), outputs poisoned with NaN before each run.
 Tolerances: quantized codes and scales equal to the PyTorch reference (<= 0.1 % codes one step off allowed);
 bf16 LN/modulation outputs equal the ReferenceOps rounding chain except rare 1-ulp flips (< 1 % of elements,
@@ -67,8 +67,9 @@ def test_quantize_rows_3d_and_tiny_values(device):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("per_token", [False, True])
-def test_norm_modulate(dtype, per_token, device):
-    m, k = 45, 96
+@pytest.mark.parametrize("k", [96, 200])  # 64 + 32 (two unpadded parts) / one part padded to 256
+def test_norm_modulate(dtype, per_token, k, device):
+    m = 45
     x = _data(m, k, dtype, device, seed=2).view(1, m, k)
     g = torch.Generator().manual_seed(3)
     mshape = (1, m, k) if per_token else (1, 1, k)
@@ -88,8 +89,9 @@ def test_norm_modulate(dtype, per_token, device):
 
 
 @pytest.mark.parametrize("affine", [True, False])
-def test_layer_norm(affine, device):
-    m, k = 33, 160
+@pytest.mark.parametrize("k", [160, 200])  # 128 + 32 / padded
+def test_layer_norm(affine, k, device):
+    m = 33
     x = _data(m, k, torch.bfloat16, device, seed=4)
     g = torch.Generator().manual_seed(5)
     w = (1 + 0.1 * torch.randn(k, generator=g)).to(device, torch.bfloat16) if affine else None
@@ -138,3 +140,7 @@ def test_producer_real_shape():
     _check_quant(qa, q_ref, s_ref, tol_codes=0.01, tol_scale=5e-3)
     qa = nq.quantize_rows(x)
     _check_quant(qa, *nq.quantize_rows_ref(x))
+    w = (1 + 0.1 * torch.randn(k, generator=g)).cuda().bfloat16()
+    b = (0.05 * torch.randn(k, generator=g)).cuda().bfloat16()
+    qa = nq.layer_norm_quant(x, w, b, 1e-6)
+    _check_quant(qa, *nq.layer_norm_ref(x, w, b, 1e-6), tol_codes=0.01, tol_scale=5e-3)

@@ -1,0 +1,20 @@
+"""`liveact bench fps` on the tiny preset (CPU): the report, the JSON and the --profile table are written."""
+
+import json
+
+from liveact.tools import cli
+
+
+def test_bench_fps_tiny_with_profile(tmp_path, capsys):
+    out, prof = tmp_path / "fps.json", tmp_path / "profile.txt"
+    rc = cli.main(["bench", "fps", "--preset", "tiny", "--size", "64*64", "--chunks", "2", "--warmup", "1",
+                   "--no-progress", "--device", "cpu", "--json", str(out), "--profile", str(prof)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    s = res["summary"]
+    assert s["steady_fps"] > 0 and s["chunks"] == 2 and len(res["chunks"]) == 2
+    assert all(len(r["ms_per_step"]) == 3 for r in res["chunks"])
+    lines = prof.read_text().splitlines()
+    assert lines[0].startswith("one chunk (3 steps) profiled") and len(lines) > 5
+    assert res["profile"]["top"] and res["profile"]["kernel_ms_per_step"] > 0
+    assert "profile of one chunk" in capsys.readouterr().out
