@@ -12,6 +12,8 @@ The cache format is the reference's (LayerKV: bf16, or e4m3 + per-(token, head) 
 alloc_kv / kv_write / kv_read are inherited unchanged.
 
 quantized=True: INT8 Q.K + FP8 P.V (needs sm_89+; falls back to bf16 on older GPUs); False: bf16.
+attention_kernel="gluon": the self-attention runs the Gluon kernel (kernels/attention_gluon.py, sm90 only,
+same math; the Triton kernel elsewhere).
 Kernels run when the tensors are on CUDA, or everywhere with force=True (CPU: Triton interpreter);
 other dtypes / head sizes fall back to the reference methods.
 """
@@ -32,8 +34,12 @@ from . import qk_prep as P
 class TritonAttentionOps(ReferenceOps):
     name = "triton-attention"
 
-    def __init__(self, quantized: bool = True, force: bool = False, autotune: bool = True, memo_size: int = 256):
+    def __init__(self, quantized: bool = True, force: bool = False, autotune: bool = True, memo_size: int = 256,
+                 attention_kernel: str = "triton"):
+        if attention_kernel not in ("triton", "gluon"):
+            raise ValueError(f"attention_kernel must be 'triton' or 'gluon', got {attention_kernel!r}")
         self.quantized = quantized
+        self.attention_kernel = attention_kernel
         self.force = force
         self.autotune = autotune
         self._tables = {}
@@ -171,6 +177,10 @@ class TritonAttentionOps(ReferenceOps):
 
     def attend_prepared(self, qp, kvp, return_lse: bool = False):
         if qp[0] == "int8fp8":
+            if self.attention_kernel == "gluon" and qp[1].is_cuda:
+                from . import attention_gluon as G
+                if G.available():   # same inputs and outputs; elsewhere the Triton kernel runs
+                    return G.attention_gluon(qp[1], qp[2], A.QuantKV(*kvp), return_lse=return_lse)
             return A.attention_quant_prepared(qp[1], qp[2], A.QuantKV(*kvp), return_lse=return_lse,
                                               autotune=self.autotune)
         if qp[0] == "bf16":

@@ -44,6 +44,41 @@ def test_self_attention_op(fp8, quant, device):
         assert cos(a.float(), b.float()) >= 0.99999
 
 
+def _self_attention_case(ops, device, fl=10, h=2, fp8=True):
+    rope = Rope3D(2, 5 if fl == 10 else fl // 2, device=device)
+    cache = ReferenceOps().alloc_kv(1, 14 * fl, h, 128, torch.bfloat16, device, fp8=fp8)
+    ReferenceOps().kv_write(cache, 0, rnd(1, 6 * fl, h, 128, seed=1, device=device, offset=2.0),
+                            rnd(1, 6 * fl, h, 128, seed=2, device=device))
+    q, k, v = (rnd(1, 8 * fl, h, 128, seed=s, device=device, offset=1.0) for s in (3, 4, 5))
+    w = (1 + 0.1 * rnd(h * 128, seed=6, device=device).float()).bfloat16()
+    return ops.self_attention(q, k, v, w, w, 1e-6, cache, rope, 6, 6 * fl)
+
+
+def test_gluon_choice_falls_back_off_hopper(device):
+    """attention_kernel='gluon' runs the Triton kernel where Gluon cannot (CPU interpreter, non-sm90)."""
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0):
+        pytest.skip("sm90: the Gluon kernel itself runs (see the gpu test)")
+    a = _self_attention_case(TritonAttentionOps(force=True, attention_kernel="gluon"), device)
+    b = _self_attention_case(TritonAttentionOps(force=True), device)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="attention_kernel"):
+        TritonAttentionOps(attention_kernel="sage")
+
+
+@pytest.mark.gpu
+def test_gluon_self_attention_op_gpu():
+    from liveact.kernels import attention_gluon as G
+    if not G.available():
+        pytest.skip("needs sm90 + gluon")
+    for fp8 in (True, False):
+        args = dict(device="cuda", fl=120, h=4, fp8=fp8)
+        o_g = _self_attention_case(TritonAttentionOps(attention_kernel="gluon"), **args)
+        o_t = _self_attention_case(TritonAttentionOps(), **args)
+        o_r = _self_attention_case(ReferenceOps(), **args)
+        assert not o_g.isnan().any()
+        assert cos(o_g, o_t) >= 0.9999 and cos(o_g, o_r) >= 0.999
+
+
 def test_attention_lse_cross_audio_ops(device):
     ref, tri = ReferenceOps(), TritonAttentionOps(quantized=True, force=True)
     q, k, v = rnd(1, 30, 2, 128, seed=1, device=device), rnd(1, 45, 2, 128, seed=2, device=device, offset=2.0), \

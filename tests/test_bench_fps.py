@@ -1,8 +1,13 @@
-"""`liveact bench fps` on the tiny preset (CPU): the report, the JSON and the --profile table are written."""
+"""`liveact bench fps` on the tiny preset (CPU): the report, the JSON and the --profile table are written;
+the ops flags that need `--ops triton`."""
 
+import argparse
 import json
 
+import pytest
+
 from liveact.tools import cli
+from liveact.tools.ops_select import add_ops_arguments, make_ops
 
 
 def test_bench_fps_tiny_with_profile(tmp_path, capsys):
@@ -18,3 +23,16 @@ def test_bench_fps_tiny_with_profile(tmp_path, capsys):
     assert lines[0].startswith("one chunk (3 steps) profiled") and len(lines) > 5
     assert res["profile"]["top"] and res["profile"]["kernel_ms_per_step"] > 0
     assert "profile of one chunk" in capsys.readouterr().out
+
+
+def test_kernel_flags_need_ops_triton(capsys):
+    """Flags that choose our kernels are refused with the reference ops, with the fix named."""
+    for flags in (["--fp8-gemm"], ["--fast-accum"], ["--attention-kernel", "gluon"]):
+        p = argparse.ArgumentParser()
+        add_ops_arguments(p)
+        with pytest.raises(SystemExit, match="add --ops triton"):
+            make_ops(p.parse_args(flags), "cpu")
+    p = argparse.ArgumentParser()
+    add_ops_arguments(p)
+    ops = make_ops(p.parse_args(["--ops", "triton", "--attention-kernel", "gluon"]), "cpu")
+    assert ops.attention_kernel == "gluon" and "gluon" in ops.describe()
