@@ -1,14 +1,15 @@
 """Benchmark of the attention-side kernels at the LiveAct shapes (one 8-frame chunk, 416x720).
 
-    python -m liveact.bench.kernels_attention          (needs CUDA)
+    python -m liveact.bench.kernels_attention [--producers] [--quick]     (needs CUDA)
 
 Rows: {"kernel", "shape", "impl", "ms", "tflops", "tbps", "ratio", "cos", "rel_l1"}.
 - self-attention 9360 q x 16380 k, 40 heads x 128 (FLOPs 4*Sq*Sk*H*D): ours int8/fp8 (kernel alone on
   prepared inputs, and end to end with quantization), ours bf16, SDPA bf16 default backend, and
   sageattention 1.0.6 when importable; ratio = vs SDPA; cos / rel_l1 (sum|o-r| / sum|r|) vs an fp32
   reference on 2 heads.  Keys carry per-channel offsets and a few outlier channels, like a DiT's.
-- producers: qk_prep (RMSNorm+RoPE+int8 q+cache write), rope_keys, quantize_v, ConvKV update:
-  TB/s on the bytes they must move; ratio = vs a device-to-device copy measured in the same run.
+- producers (`--producers` runs only these): qk_prep (RMSNorm+RoPE+int8 q+cache write), rope_keys,
+  quantize_v (bf16 and fp8 cache sources), ConvKV update (bf16, fp8): TB/s on the minimum bytes they
+  must move; ratio = time of a device-to-device copy of the same bytes in the same run / ours.
 - cross-attention (q vs 257 image + 512 text keys, two softmaxes summed) and audio attention
   (8 frames x 1170 q vs 32 keys): ours vs SDPA; ratio = SDPA time / ours.
 """
@@ -57,10 +58,74 @@ def _row(kernel, shape, impl, ms, flops=None, nbytes=None, ratio=None, cos=None,
             "ratio": ratio, "cos": cos, "rel_l1": rel_l1}
 
 
-def run(device="cuda", quick=False) -> list[dict]:
+def _copy_ms(nbytes, device, quick):
+    """A device-to-device copy that reads nbytes/2 and writes nbytes/2 (the same traffic)."""
+    src = torch.empty(nbytes // 4, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    return _bench(lambda: dst.copy_(src), quick)
+
+
+def run_producers(device="cuda", quick=False, gen=None) -> list[dict]:
+    """qk_prep, rope_keys, quantize_v, ConvKV update at the LiveAct shapes (one 8-frame chunk, 14-slot
+    cache, Sk = 16380 keys = 7020 cache rows + 9360 fresh).  Bytes = the minimum the operation moves
+    (each input byte read once, each output byte written once, RoPE table rows included); ratio = a
+    device copy of the same number of bytes, timed in the same run / ours."""
     from ..kernels import attention as A
     from ..kernels import convkv as C
     from ..kernels import qk_prep as P
+    from ..model.ops import fp8_quantize_per_head
+    from ..model.rope import Rope3D
+
+    gen = gen if gen is not None else torch.Generator(device=device).manual_seed(0)
+    rows = []
+    nb = 1 << 30
+    ms = _copy_ms(2 * nb, device, quick)
+    rows.append(_row("copy", "1 GiB", "torch copy_", ms, nbytes=2 * nb, ratio=1.0))
+
+    def add(kernel, shape, impl, fn, nbytes):
+        ms = _bench(fn, quick)
+        rows.append(_row(kernel, shape, impl, ms, nbytes=nbytes, ratio=_copy_ms(nbytes, device, quick) / ms))
+
+    l, n, ws = 8 * FL, 14 * FL, 6 * FL
+    rope = Rope3D(45, 26).to(device)
+    cos, sin = (t.contiguous() for t in rope.cos_sin())
+    qx, kx, vx = (torch.randn((1, l, H, D), device=device, generator=gen).bfloat16() for _ in range(3))
+    w = (1 + 0.1 * torch.randn(H * D, device=device, generator=gen)).bfloat16()
+    cache_k = _keys((1, n, H, D), device, gen)
+    cache_v = torch.randn((1, n, H, D), device=device, generator=gen).bfloat16()
+    e = l * H * D
+    by = e * (6 + 1 + 2 + 2) + l * H * 4 + l * D * 8     # read q,k,v; write q8, kn, v; q scales; cos/sin
+    add("qk_prep", f"{l}x{H}x{D}", "ours", lambda: P.qk_prep(qx, kx, vx, w, w, 1e-6, cos, sin, ws,
+                                                               cache_k[:, ws:ws + l], cache_v[:, ws:ws + l]), by)
+    # key / value sets as prepare_self_attention builds them: bf16 cache = one source of n rows;
+    # fp8 cache = e4m3 rows [0, ws) + scales ++ the fresh bf16 chunk
+    k8, ks8 = fp8_quantize_per_head(cache_k[:, :ws])
+    v8, vs8 = fp8_quantize_per_head(cache_v[:, :ws])
+    tab = n * (D // 2) * 8 * 2
+    in_f8 = ws * H * (D + 4) + l * H * D * 2
+    out_k = n * H * (D + 4)
+    for name, src, nin in (("bf16 cache", [P.KSource(cache_k)], n * H * D * 2),
+                           ("fp8 cache", [P.KSource(k8, ks8), P.KSource(cache_k[:, ws:])], in_f8)):
+        add("rope_keys", f"{n}x{H}x{D} {name}", f"ours (km from 1/{P.KM_STRIDE} of the keys)",
+            lambda: P.rope_keys(src, cos, sin, quantize=True), nin + out_k + tab)
+    for name, src, nin in (("bf16 cache", [A.VSource(cache_v)], n * H * D * 2),
+                           ("fp8 cache", [A.VSource(v8, vs8), A.VSource(cache_v[:, ws:])], in_f8)):
+        add("quantize_v", f"{n}x{H}x{D} {name}", "ours (amax pass + quantize pass)",
+            lambda: A.quantize_v(src), nin + A._pad16(n) * H * D)
+    wconv = (0.2 + 0.05 * torch.randn(H * D, 1, 5, device=device, generator=gen)).bfloat16()
+    add("convkv_update", f"{n}x{H}x{D} bf16 K+V", "ours (2 launches)",
+        lambda: C.kv_memory_update(cache_k, cache_v, None, None, wconv, FL), 2 * 14 * FL * H * D * 2)
+    ks8 = cache_k.to(torch.float8_e4m3fn)
+    vs8 = cache_v.to(torch.float8_e4m3fn)
+    ksc = torch.rand((1, n, H, 1), device=device, generator=gen) + 0.01
+    vsc = torch.rand((1, n, H, 1), device=device, generator=gen) + 0.01
+    add("convkv_update", f"{n}x{H}x{D} fp8 K+V", "ours (2 launches)",
+        lambda: C.kv_memory_update(ks8, vs8, ksc, vsc, wconv, FL), 2 * 14 * FL * H * (D + 4))
+    return rows
+
+
+def run(device="cuda", quick=False) -> list[dict]:
+    from ..kernels import attention as A
     from ..model.rope import Rope3D
 
     rows = []
@@ -112,64 +177,11 @@ def run(device="cuda", quick=False) -> list[dict]:
         rows.append(_row("self_attn", shape, f"sageattention n/a ({type(e).__name__})", None))
     del qt, kt, vt, ref
 
-    # ---------------------------------------------------------------- copy bandwidth
-    nb = 1 << 30
-    src = torch.empty(nb // 2, dtype=torch.bfloat16, device=device)
-    dst = torch.empty_like(src)
-    ms = _bench(lambda: dst.copy_(src), quick)
-    copy_tbps = 2 * nb / ms / 1e9
-    rows.append(_row("copy", "1 GiB", "torch copy_", ms, nbytes=2 * nb, ratio=1.0))
-    del src, dst
-
-    # ---------------------------------------------------------------- producers
+    rows += run_producers(device, quick, gen)
     l, n = 8 * FL, 14 * FL
     rope = Rope3D(45, 26).to(device)
-    cos, sin = (t.contiguous() for t in rope.cos_sin())
-    qx, kx, vx = (torch.randn((1, l, H, D), device=device, generator=gen).bfloat16() for _ in range(3))
+    qx = torch.randn((1, l, H, D), device=device, generator=gen).bfloat16()
     w = (1 + 0.1 * torch.randn(H * D, device=device, generator=gen)).bfloat16()
-    cache_k = torch.randn((1, n, H, D), device=device, generator=gen).bfloat16()
-    cache_v = torch.randn((1, n, H, D), device=device, generator=gen).bfloat16()
-    e = l * H * D
-    fn = lambda: P.qk_prep(qx, kx, vx, w, w, 1e-6, cos, sin, 6 * FL, cache_k[:, 6 * FL:], cache_v[:, 6 * FL:])
-    ms = _bench(fn, quick)
-    by = e * (6 + 1 + 2 + 2) + l * H * 4 + l * D * 8     # read q,k,v; write q8, kn, v; q scales; cos/sin
-    rows.append(_row("qk_prep", f"{l}x{H}x{D}", "ours", ms, nbytes=by, ratio=by / ms / 1e9 / copy_tbps))
-    fn = lambda: P.rope_keys([P.KSource(cache_k)], cos, sin, quantize=True)
-    ms = _bench(fn, quick)
-    by = rk_by = n * H * D * (2 + 2 + 1) + n * H * 4 + 2 * n * D * 8
-    rows.append(_row("rope_keys", f"{n}x{H}x{D}", "ours (2 phases)", ms, nbytes=by, ratio=by / ms / 1e9 / copy_tbps))
-    by = n * H * D * (2 + 2 + 1)
-    for bt, nw in ((128, 8), (64, 4), (32, 4), (128, 4)):
-        ms = _bench(lambda: A.quantize_v(cache_v, bt=bt, num_warps=nw), quick)
-        rows.append(_row("quantize_v", f"{n}x{H}x{D}", f"ours (2 phases) BT={bt} w{nw}", ms, nbytes=by,
-                         ratio=by / ms / 1e9 / copy_tbps))
-    for bt in (16, 64):
-        ms = _bench(lambda: P.rope_keys([P.KSource(cache_k)], cos, sin, quantize=True, bt=bt), quick)
-        rows.append(_row("rope_keys", f"{n}x{H}x{D}", f"ours (2 phases) BT={bt}", ms, nbytes=rk_by,
-                         ratio=rk_by / ms / 1e9 / copy_tbps))
-    wconv = (0.2 + 0.05 * torch.randn(H * D, 1, 5, device=device, generator=gen)).bfloat16()
-    fn = lambda: C.kv_memory_update(cache_k, cache_v, None, None, wconv, FL)
-    ms = _bench(fn, quick)
-    by = 2 * (10 + 4) * FL * H * D * 2     # K and V: read 10 slots, write 4 (the minimum traffic)
-    rows.append(_row("convkv_update", f"{n}x{H}x{D} bf16 K+V", "ours", ms, nbytes=by, ratio=by / ms / 1e9 / copy_tbps))
-    ks8 = cache_k.to(torch.float8_e4m3fn)
-    vs8 = cache_v.to(torch.float8_e4m3fn)
-    ksc = torch.rand((1, n, H, 1), device=device) + 0.01
-    vsc = torch.rand((1, n, H, 1), device=device) + 0.01
-    fn = lambda: C.kv_memory_update(ks8, vs8, ksc, vsc, wconv, FL)
-    ms = _bench(fn, quick)
-    by = 2 * (10 + 4) * FL * H * (D + 4)
-    rows.append(_row("convkv_update", f"{n}x{H}x{D} fp8 K+V", "ours", ms, nbytes=by, ratio=by / ms / 1e9 / copy_tbps))
-    scratch8 = torch.empty((1, FL, H, D), dtype=torch.float8_e4m3fn, device=device)
-    scratch_s = torch.empty((1, FL, H, 1), dtype=torch.float32, device=device)
-    ms = _bench(lambda: C.convkv_compress(ks8, ksc, wconv, scratch8, scratch_s, 2 * FL, 0, FL), quick)
-    by = 6 * FL * H * (D + 4)
-    rows.append(_row("convkv_compress", f"5x{FL} -> {FL} fp8 (one tensor)", "ours", ms, nbytes=by,
-                     ratio=by / ms / 1e9 / copy_tbps))
-    ms = _bench(lambda: ks8[:, 4 * FL:6 * FL].copy_(ks8[:, 12 * FL:14 * FL]), quick)
-    by = 2 * 2 * FL * H * D
-    rows.append(_row("fp8 slot copy", f"2x{FL}", "torch copy_", ms, nbytes=by, ratio=by / ms / 1e9 / copy_tbps))
-    del cache_k, cache_v, ks8, vs8
 
     # ---------------------------------------------------------------- the self_attention op end to end
     from ..kernels.attention_ops import TritonAttentionOps
@@ -259,11 +271,13 @@ def main():
     import argparse
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--producers", action="store_true",
+                    help="only the memory-bound producers (qk_prep, rope_keys, quantize_v, ConvKV) vs copy")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/kernels_attention needs a CUDA GPU")
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
-    print(format_table(run("cuda", quick=args.quick)))
+    print(format_table(run_producers("cuda", quick=args.quick) if args.producers else run("cuda", quick=args.quick)))
 
 
 if __name__ == "__main__":

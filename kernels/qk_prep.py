@@ -16,22 +16,36 @@ tokens per program in the CPU interpreter), in one pass:
   summation order than torch: rare 1-ulp (bf16) differences.
   Bytes per token (bf16 cache): read q, k, v 3*2*H*D, write q8 H*D + kn 2*H*D + v 2*H*D (+ table 1 KB).
 
-`rope_keys` (one program per (BT keys, batch), looping over heads so cos/sin rows load once): the key
-set of one self-attention call, from up
-to two sources (cache rows, possibly e4m3 + scale, dequantized as bf16(q)*bf16(s); and the current
-chunk's fresh bf16 kn), rotated at position = key row (slot index * Fl + in-frame position),
-rounded to bf16 like the reference, then
-    PHASE 0: per-block partial channel sums (-> km = mean over keys, the K smoothing vector)
+`rope_keys`: the key set of one self-attention call, from up to two sources (cache rows, possibly
+e4m3 + scale, dequantized as bf16(q)*bf16(s); then the current chunk's fresh bf16 kn), rotated at
+position = key row (slot index * Fl + in-frame position), rounded to bf16 like the reference, then
+    PHASE 0: km = mean of the rotated keys over every KM_STRIDE-th key row (8: 2048 of 16380 keys),
+             per-program partial sums -> torch sum; the K smoothing vector
     PHASE 1: k - km -> int8 per (token, head) + scale [B, H, Sk]      (QUANT)
-             or the rotated bf16 keys [B, Sk, H, D]                       (bf16 attention)
+             or the rotated bf16 keys [B, Sk, H, D]                       (bf16 attention, no phase 0)
+  K smoothing is exact for ANY km subtracted from every key of a head (softmax is invariant to the
+  per-query constant q.km; the attention kernel adds q.km back to the LSE with the km returned here),
+  so a sample is enough: it only has to remove the channel offsets.  Measured at the real shape:
+  attention cos vs fp32 0.998521 (km from 1/8) vs 0.998518 (km over all keys), max|lse err| 0.0633
+  vs 0.0636; int8 key error rel 1.408e-2 either way.
   The cache keeps un-rotated keys (slot positions change at memory compression, SPEC 4.4), so the
-  rotation is applied to the whole key set once per call: reads 2 B/elem twice (two phases), writes
-  1 B/elem (int8) + scales.
+  rotation is applied to the whole key set once per call.  Minimum bytes (bf16 cache, one source):
+  read 2 B/elem + cos/sin 1 KB per key, write 1 B/elem + 4 B scale per (key, head) = 271 MB at
+  16380 x 40 x 128; phase 0 adds 1/8 of the key reads.
+  Tiles: [TB rows, HG heads, 128] (RoPE pairs in float64), grid (cdiv(Sk, TB), cdiv(H, HG*GL), B);
+  phase 0 uses TB0 = TB..16 sampled rows per program (8 at the real shape: 256 x 5 programs, 8 warps).
 
-Launch configs: qk_prep one token per program, 4 warps (8 for H*D >= 4096); rope_keys BT = 32, 4 warps.
-Measured (H100, 9360-token chunk / 16380 keys, 40 x 128; device copy 3.0 TB/s in the same run):
-qk_prep 0.227 ms = 2.37 TB/s (79 % of copy); rope_keys 0.317 ms = 1.44 TB/s (48 %: two passes,
-counted bytes include both reads).
+Launch configs: qk_prep one token per program, 4 warps (8 for H*D >= 4096); rope_keys TB=4, HG=8,
+GL=1, 4 warps (rope_keys_config; swept on H100: (TB, HG, GL, warps) = (2,8,1,4) (4,8,1,4) (2,8,5,4)
+(1,8,5,4) (2,8,1,2) within 3 % of each other; in an earlier sweep (8,8,1,4) gave phase 1 in 0.149 vs
+0.137 ms, and whole rows (1,64,1,8) or 8-warp [8..16, 8, 128] tiles were 10-40 % slower).
+Measured (H100, 9360-token chunk / 16380 keys, 40 x 128; device copy 3.0 TB/s in the same run; ratio =
+a copy of the same bytes / ours): qk_prep 0.228 ms = 2.36 TB/s (81 %).  rope_keys, bf16 cache:
+previous two-full-pass version 0.317 ms (31 % of copy on the minimum bytes), this one 0.234 ms
+(42 %); FP8 cache (7020 e4m3 rows + 9360 fresh): 0.443 -> 0.243 ms (19 -> 35 %).  Phase 1 alone
+(km from one key) 0.129-0.138 ms (70-76 %), the rotated bf16 output alone 0.128-0.149 ms; so
+phase 0 + its partial sum cost ~0.1 ms for 21 MB of reads -- not understood (the kernel compiles
+to 4 vector loads per thread, no spills); next step: time the three launches separately (profiler).
 """
 from __future__ import annotations
 
@@ -137,38 +151,75 @@ def _qk_prep_kernel(Q, K, V, WQ, WK, COS, SIN, QO, QOS, KN, KC, KCS, VC, VCS,
 
 
 @triton.jit
-def _rope_keys_kernel(X, XS, COS, SIN, KM, OUT, OS, PART, S, H, Sk, row0, n_blk0,
-                      sx_b, sx_s, sx_h, sxs_b, so_b, so_s, so_h,
-                      HAS_XS: tl.constexpr, PHASE: tl.constexpr, QUANT: tl.constexpr, EMU: tl.constexpr,
-                      D: tl.constexpr, BT: tl.constexpr):
-    """One program per (BT keys, batch); loops over the heads so the cos/sin rows load once."""
-    pid_t, b = tl.program_id(0), tl.program_id(1)
-    nb = tl.num_programs(1)
-    offs_t = pid_t * BT + tl.arange(0, BT)
-    offs_d = tl.arange(0, D)
-    offs_p = tl.arange(0, D // 2)
-    mask = offs_t < S
-    tmask = mask[:, None]
-    rows = row0 + offs_t
-    c = tl.load(COS + rows[:, None] * (D // 2) + offs_p[None, :], mask=tmask, other=0.0)
-    s = tl.load(SIN + rows[:, None] * (D // 2) + offs_p[None, :], mask=tmask, other=0.0)
-    for h in range(H):
-        x = tl.load(X + b * sx_b + h * sx_h + offs_t[:, None] * sx_s + offs_d[None, :], mask=tmask, other=0.0)
-        if HAS_XS:   # e4m3 cache rows: bf16(q) * bf16(s) (kv_read of shared/SPEC.md 4.6)
-            xs = tl.load(XS + b * sxs_b + offs_t * H + h, mask=mask, other=0.0)
-            x = to_bf16(x.to(tl.float32) * to_bf16(xs, EMU).to(tl.float32)[:, None], EMU)
-        y = _rope(x.to(tl.float32), c, s, BT, D, EMU)       # padded rows are 0
-        if PHASE == 0:
-            tl.store(PART + ((n_blk0 + pid_t) * nb + b) * (H * D) + h * D + offs_d, tl.sum(y, 0))
-        elif QUANT:
-            y = y - tl.load(KM + (b * H + h) * D + offs_d)[None, :]
-            sc = tl.maximum(tl.max(tl.abs(y), 1), 1e-12) / 127.0
-            yi = tl.minimum(tl.maximum(round_half_away(y / sc[:, None]), -127.0), 127.0).to(tl.int8)
-            tl.store(OUT + b * so_b + h * so_h + rows[:, None] * so_s + offs_d[None, :], yi, mask=tmask)
-            tl.store(OS + (b * H + h) * Sk + rows, sc, mask=mask)
-        else:
-            tl.store(OUT + b * so_b + h * so_h + rows[:, None] * so_s + offs_d[None, :],
-                     y.to(tl.bfloat16), mask=tmask)
+def _rotated_keys(X1, XS1, X2, COS, SIN, b, t2, h2, S1, Sk, H, sx1_b, sx1_s, sxs1_b, sx2_b, sx2_s,
+                  HAS_XS: tl.constexpr, HAS_X2: tl.constexpr, EMU: tl.constexpr,
+                  TB: tl.constexpr, HG: tl.constexpr, D: tl.constexpr):
+    """Key rows t2 [TB, 1] x heads h2 [1, HG] rotated at their row position: bf16-rounded fp32
+    [TB, HG, D], 0 for rows >= Sk or heads >= H.  Rows < S1 from X1 (dequantized if HAS_XS), else X2."""
+    t = t2[:, :, None]
+    hh = h2[:, :, None]
+    col = hh * D + tl.arange(0, D)[None, None, :]
+    m3 = (t < Sk) & (hh < H)
+    if HAS_X2:
+        m1 = (t < S1) & (hh < H)
+    else:
+        m1 = m3
+    x = tl.load(X1 + b * sx1_b + t * sx1_s + col, mask=m1, other=0.0)
+    if HAS_XS:   # e4m3 cache rows: bf16(q) * bf16(s) (kv_read of shared/SPEC.md 4.6)
+        xs = tl.load(XS1 + b * sxs1_b + t2 * H + h2, mask=(t2 < S1) & (h2 < H), other=0.0)
+        x = to_bf16(x.to(tl.float32) * to_bf16(xs, EMU).to(tl.float32)[:, :, None], EMU)
+    x = x.to(tl.float32)
+    if HAS_X2:
+        x2 = tl.load(X2 + b * sx2_b + (t - S1) * sx2_s + col, mask=m3 & (t >= S1), other=0.0)
+        x = tl.where(t < S1, x, x2.to(tl.float32))
+    pp = tl.arange(0, D // 2)[None, None, :]
+    c = tl.load(COS + t * (D // 2) + pp, mask=t < Sk, other=0.0)
+    s = tl.load(SIN + t * (D // 2) + pp, mask=t < Sk, other=0.0)
+    return _rope3(x, c, s, TB, HG, D, EMU)
+
+
+@triton.jit
+def _rope_keys_kernel(X1, XS1, X2, COS, SIN, KM, OUT, OS, PART, S1, Sk, H, row_stride, inv_cnt,
+                      sx1_b, sx1_s, sxs1_b, sx2_b, sx2_s, so_b, so_s,
+                      HAS_XS: tl.constexpr, HAS_X2: tl.constexpr, PHASE: tl.constexpr, QUANT: tl.constexpr,
+                      EMU: tl.constexpr, TB: tl.constexpr, HG: tl.constexpr, GL: tl.constexpr,
+                      D: tl.constexpr):
+    """[TB, HG, D] tiles: TB key rows x HG heads; program (p, g, b) covers heads [g*GL*HG, (g+1)*GL*HG)
+    in GL steps.  Rows [0, S1) come from X1 (bf16, or e4m3 with scale rows XS1), rows [S1, Sk) from X2.
+    PHASE 0 (K smoothing vector): sums the rotated keys of rows m * row_stride for m in
+    [p*TB, (p+1)*TB), times inv_cnt -> PART[p, b, heads] (km = PART.sum(0)).
+    PHASE 1: rows [p*TB, (p+1)*TB) -> k - km -> int8 + scale [B, H, Sk] (QUANT) or the rotated bf16 keys."""
+    pid, g, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    tt = tl.arange(0, TB)[:, None]                                        # [TB, 1]
+    hg = tl.arange(0, HG)[None, :]                                        # [1, HG]
+    dd = tl.arange(0, D)[None, None, :]                                   # [1, 1, D]
+    if PHASE == 0:
+        t2 = (pid * TB + tt) * row_stride                                 # [TB, 1] sampled key rows
+        for gi in tl.static_range(GL):
+            h2 = (g * GL + gi) * HG + hg
+            y = _rotated_keys(X1, XS1, X2, COS, SIN, b, t2, h2, S1, Sk, H, sx1_b, sx1_s, sxs1_b, sx2_b, sx2_s,
+                              HAS_XS, HAS_X2, EMU, TB, HG, D)
+            hc = (g * GL + gi) * HG + tl.arange(0, HG)[:, None]           # [HG, 1]
+            tl.store(PART + (pid * tl.num_programs(2) + b) * (H * D) + hc * D + tl.arange(0, D)[None, :],
+                     tl.sum(y, 0) * inv_cnt, mask=hc < H)
+    else:
+        t2 = pid * TB + tt                                                # [TB, 1] key rows
+        t = t2[:, :, None]
+        for gi in tl.static_range(GL):
+            h2 = (g * GL + gi) * HG + hg                                  # [1, HG] heads
+            hh = h2[:, :, None]
+            col = hh * D + dd
+            m3 = (t < Sk) & (hh < H)
+            y = _rotated_keys(X1, XS1, X2, COS, SIN, b, t2, h2, S1, Sk, H, sx1_b, sx1_s, sxs1_b, sx2_b, sx2_s,
+                              HAS_XS, HAS_X2, EMU, TB, HG, D)
+            if QUANT:
+                y = y - tl.load(KM + b * H * D + col, mask=hh < H, other=0.0)
+                sc = tl.maximum(tl.max(tl.abs(y), 2), 1e-12) / 127.0
+                yi = tl.minimum(tl.maximum(round_half_away(y / sc[:, :, None]), -127.0), 127.0).to(tl.int8)
+                tl.store(OUT + b * so_b + t * so_s + col, yi, mask=m3)
+                tl.store(OS + (b * H + h2) * Sk + t2, sc, mask=(t2 < Sk) & (h2 < H))
+            else:
+                tl.store(OUT + b * so_b + t * so_s + col, y.to(tl.bfloat16), mask=m3)
 
 
 # ----------------------------------------------------------------------------------- host API
@@ -235,41 +286,68 @@ class KSource:
         self.x, self.scale = x, scale
 
 
-def rope_keys(sources, cos, sin, quantize: bool = True, bt: int = 32):
-    """Concatenate key sources along the key axis, rotate key r at table row r (bf16 rounding as the
-    reference), and either smooth + quantize (returns int8 [B, Sk, H, D], scale [B, H, Sk], km [B, H, D])
-    or return the rotated bf16 keys (tensor [B, Sk, H, D], None, None)."""
+KM_STRIDE = 8   # K smoothing vector from every 8th block of keys (any km is exact, KERNELS.md 2.3)
+
+
+def rope_keys_config(is_cuda: bool, h: int):
+    """(TB, HG, GL, num_warps): tile [TB rows, HG heads, 128], GL head groups per program.  The CPU
+    interpreter's cost is per program: all heads, 16 rows there."""
+    if not is_cuda:
+        return 16, triton.next_power_of_2(h), 1, 4
+    return 4, 8, 1, 4
+
+
+def km_sample_rows(sk: int, km_stride: int) -> torch.Tensor:
+    """Indices of the keys whose mean is km: every km_stride-th key row."""
+    return torch.arange(0, sk, km_stride)
+
+
+def rope_keys(sources, cos, sin, quantize: bool = True, km_stride: int = KM_STRIDE, config=None):
+    """Concatenate (at most two) key sources along the key axis, rotate key r at table row r (bf16
+    rounding as the reference), and either smooth + quantize (returns int8 [B, Sk, H, D], scale
+    [B, H, Sk], km [B, H, D]) or return the rotated bf16 keys (tensor [B, Sk, H, D], None, None).
+    km = mean of the rotated keys over every km_stride-th key row (km_sample_rows; km_stride=1: all keys); K smoothing is exact for any km, and the attention kernel's LSE uses this km.
+    Only the first source may be e4m3 (with scales)."""
+    if not 1 <= len(sources) <= 2 or (len(sources) == 2 and sources[1].scale is not None):
+        raise ValueError("rope_keys takes one or two KSources; only the first may be e4m3 with scales")
     x0 = sources[0].x
     b, _, h, d = x0.shape
+    for src in sources:
+        if src.x.shape[0] != b or src.x.shape[2:] != x0.shape[2:] or src.x.stride(2) != d:
+            raise ValueError("rope_keys: sources must be [B, S, H, D] with the same B, H, D, heads contiguous")
     sk = sum(s.x.shape[1] for s in sources)
     if sk > cos.shape[0]:
         raise ValueError(f"RoPE table has {cos.shape[0]} positions, the key set has {sk}")
+    tb, hg, gl, nw = config if config is not None else rope_keys_config(x0.is_cuda, h)
+    ngp = triton.cdiv(h, hg * gl)
     dev = x0.device
-    nblks = [triton.cdiv(s.x.shape[1], bt) for s in sources]
     if quantize:
         out = torch.empty((b, sk, h, d), dtype=torch.int8, device=dev)
         osc = torch.empty((b, h, sk), dtype=torch.float32, device=dev)
-        part = torch.empty((sum(nblks), b, h, d), dtype=torch.float32, device=dev)
-        phases = (0, 1)
     else:
         out = torch.empty((b, sk, h, d), dtype=torch.bfloat16, device=dev)
-        osc = part = out
-        phases = (1,)
+        osc = out
+    s1 = sources[0].x.shape[1]
+    x1, xs1 = sources[0].x, sources[0].scale
+    x2 = sources[1].x if len(sources) == 2 else x1
+    if s1 == 0 and len(sources) == 2:                 # all keys fresh: x2 alone
+        x1, xs1, x2, s1 = x2, None, x2, sk
+    args = dict(sx1_b=x1.stride(0), sx1_s=x1.stride(1), sxs1_b=xs1.stride(0) if xs1 is not None else 0,
+                sx2_b=x2.stride(0), sx2_s=x2.stride(1), so_b=out.stride(0), so_s=out.stride(1))
+    flags = dict(HAS_XS=xs1 is not None, HAS_X2=s1 < sk, QUANT=quantize, EMU=INTERPRET, TB=tb, HG=hg, GL=gl,
+                 D=d, num_warps=nw)
+    xs1 = xs1 if xs1 is not None else out
     km = out
-    for phase in phases:
-        if phase == 1 and quantize:
-            km = (part.sum(0) / sk).contiguous()
-        row0 = blk0 = 0
-        for src, nb in zip(sources, nblks):
-            x, s = src.x, src.x.shape[1]
-            if s:
-                xs = src.scale if src.scale is not None else out
-                _rope_keys_kernel[(nb, b)](x, xs, cos, sin, km, out, osc, part, s, h, sk, row0, blk0,
-                                              x.stride(0), x.stride(1), x.stride(2),
-                                              xs.stride(0) if src.scale is not None else 0,
-                                              out.stride(0), out.stride(1), out.stride(2),
-                                              HAS_XS=src.scale is not None, PHASE=phase, QUANT=quantize, EMU=INTERPRET,
-                                              D=d, BT=bt)
-            row0 += s
-            blk0 += nb
+    if quantize:
+        # phase 0: one [TB0, HG, D] tile of sampled rows per program, partial sums -> part, km = part.sum(0)
+        n_samp = triton.cdiv(sk, km_stride)                          # sampled rows 0, s, 2s, ...
+        tb0 = min(16, max(tb, triton.next_power_of_2(triton.cdiv(n_samp, 256)))) if x0.is_cuda else 16
+        n_prog = triton.cdiv(n_samp, tb0)
+        part = torch.empty((n_prog, b, h, d), dtype=torch.float32, device=dev)
+        _rope_keys_kernel[(n_prog, ngp, b)](x1, xs1, x2, cos, sin, out, out, osc, part, s1, sk, h, km_stride,
+                                            1.0 / n_samp, **args, PHASE=0,
+                                            **{**flags, "TB": tb0, "num_warps": 8 if tb0 * hg >= 64 else nw})
+        km = part.sum(0)
+    _rope_keys_kernel[(triton.cdiv(sk, tb), ngp, b)](x1, xs1, x2, cos, sin, km, out, osc, out, s1, sk, h, 1, 1.0,
+                                                     **args, PHASE=1, **flags)
     return (out, osc, km) if quantize else (out, None, None)

@@ -10,12 +10,13 @@ from liveact.model.ops import LayerKV, ReferenceOps, convkv_compress_reference
 H, D = 2, 128
 
 
-def filled_cache(device, fl, fp8, seed=0):
+def filled_cache(device, fl, fp8, seed=0, b=1):
     g = torch.Generator(device="cpu").manual_seed(seed)
     ops = ReferenceOps()
-    kv = ops.alloc_kv(1, 14 * fl, H, D, torch.bfloat16, device, fp8=fp8)
-    k = torch.randn(1, 14 * fl, H, D, generator=g) + 2 * torch.randn(H, D, generator=g)
-    v = torch.randn(1, 14 * fl, H, D, generator=g)
+    kv = ops.alloc_kv(b, 14 * fl, H, D, torch.bfloat16, device, fp8=fp8)
+    k = torch.randn(b, 14 * fl, H, D, generator=g) + 2 * torch.randn(H, D, generator=g)
+    k[..., :4] += 8 * torch.randn(H, 4, generator=g)                     # outlier channels
+    v = torch.randn(b, 14 * fl, H, D, generator=g)
     ops.kv_write(kv, 0, k.bfloat16().to(device), v.bfloat16().to(device))
     return kv
 
@@ -35,10 +36,12 @@ def close(a, b, max_frac=1e-3):
 
 
 @pytest.mark.parametrize("fp8", [False, True])
-@pytest.mark.parametrize("mean", [False, True])
-def test_kv_memory_update_matches_reference(fp8, mean, device):
+@pytest.mark.parametrize("mean,b", [(False, 1), (True, 1), (False, 2)])
+def test_kv_memory_update_matches_reference(fp8, mean, b, device):
+    """Both launches (K and V together, batch rows interleaved on grid axis 2) against the reference;
+    every slot is compared, so a row left unwritten (or written twice) fails."""
     fl = 10      # Fl % 5 == 0 (416x720 has 1170); test_fl_not_multiple_of_5 covers straddling groups
-    kv = filled_cache(device, fl, fp8)
+    kv = filled_cache(device, fl, fp8, b=b)
     mine = LayerKV(*[t.clone() for t in kv.tensors()])
     w = None if mean else weight(device)
     ReferenceOps().kv_memory_update(kv, w, fl)
@@ -61,6 +64,8 @@ def test_in_place_overlap_is_refused(device):
     kv = filled_cache(device, 10, False)
     with pytest.raises(ValueError, match="overlap"):
         C.convkv_compress(kv.k, None, weight(device), kv.k, None, 20, 20, 10)
+    with pytest.raises(ValueError, match="same shape"):
+        C.kv_memory_update(kv.k, kv.v[:, :-1], None, None, weight(device), 9)
 
 
 @pytest.mark.gpu

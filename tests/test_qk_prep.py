@@ -77,20 +77,47 @@ def test_qk_prep_matches_reference(fp8_cache, rope, device):
     assert rel <= 0.01, rel
 
 
-def test_rope_keys(rope, device):
-    """Keys from an FP8 cache slice + a fresh bf16 chunk, rotated at their row positions."""
-    _, k, _, _, _ = inputs(device, 40, seed=1)
-    c8, cs = fp8_quantize_per_head(k[:, :10])
-    full = torch.cat([fp8_dequantize_per_head(c8, cs), k[:, 10:]], dim=1)
-    ref = rope_apply_reference(full, rope.table(0, 4))
-    src = [P.KSource(c8, cs), P.KSource(k[:, 10:])]
-    kr, _, _ = P.rope_keys(src, *rope.cos_sin(), quantize=False)
-    assert_bf16_close(kr, ref)
-    k8, ks, km = P.rope_keys(src, *rope.cos_sin(), quantize=True)
-    assert torch.allclose(km, ref.float().mean(1), rtol=1e-4, atol=1e-4)
+def _check_int8_keys(k8, ks, km, ref):
+    """Dequantized keys vs the rotated reference: <= 1 % overall and <= 2 % for every (token, head),
+    so a row left unwritten (whatever the memory held) fails."""
     deq = k8.float() * ks.transpose(1, 2)[..., None] + km[:, None]
-    rel = ((deq - ref.float()).norm() / ref.float().norm()).item()
+    r = ref.float()
+    assert not deq.isnan().any()
+    rel = ((deq - r).norm() / r.norm()).item()
     assert rel <= 0.01, rel
+    rows = ((deq - r).norm(dim=-1) / r.norm(dim=-1)).max().item()
+    assert rows <= 0.02, rows
+
+
+@pytest.mark.parametrize("split,config", [(10, None), (0, None), (10, (8, 1, 1, 4)), (10, (8, 1, 2, 4))])
+def test_rope_keys(split, config, rope, device):
+    """Keys from an FP8 cache slice (rows [0, split)) + a fresh bf16 chunk, rotated at their row
+    positions (split=10: a tile straddles the two sources; 0: no cache rows yet).  Configs (TB, HG,
+    GL, warps): default, one head per tile (2 head groups on the grid), 2 head groups in one program."""
+    _, k, _, _, _ = inputs(device, 40, seed=1)
+    c8, cs = fp8_quantize_per_head(k[:, :split])
+    full = torch.cat([fp8_dequantize_per_head(c8, cs), k[:, split:]], dim=1)
+    ref = rope_apply_reference(full, rope.table(0, 4))
+    src = [P.KSource(c8, cs), P.KSource(k[:, split:])]
+    kr, _, _ = P.rope_keys(src, *rope.cos_sin(), quantize=False, config=config)
+    assert_bf16_close(kr, ref)
+    # km over all keys (km_stride=1) = the reference mean
+    k8, ks, km = P.rope_keys(src, *rope.cos_sin(), quantize=True, km_stride=1, config=config)
+    assert torch.allclose(km, ref.float().mean(1), rtol=1e-4, atol=1e-4)
+    _check_int8_keys(k8, ks, km, ref)
+    # km from every 3rd key: the mean over exactly those rows, and the same keys
+    k8, ks, km = P.rope_keys(src, *rope.cos_sin(), quantize=True, km_stride=3, config=config)
+    rows = P.km_sample_rows(40, 3).to(device)
+    assert len(rows) < 40
+    assert torch.allclose(km, ref.float()[:, rows].mean(1), rtol=1e-4, atol=1e-4)
+    _check_int8_keys(k8, ks, km, ref)
+
+
+def test_rope_keys_bad_sources(rope, device):
+    _, k, _, _, _ = inputs(device, 20)
+    c8, cs = fp8_quantize_per_head(k)
+    with pytest.raises(ValueError, match="first"):
+        P.rope_keys([P.KSource(k), P.KSource(c8, cs)], *rope.cos_sin())
 
 
 def test_qk_prep_bad_table(rope, device):
@@ -116,3 +143,23 @@ def test_qk_prep_real_shape_gpu():
     assert_bf16_close(qo, rope_apply_reference(ops.rms_norm(q.reshape(1, l, -1), w, 1e-6).reshape(q.shape),
                                                rope.table(6, 8)))
     assert_bf16_close(kn, ops.rms_norm(k.reshape(1, l, -1), w, 1e-6).reshape(k.shape))
+
+
+@pytest.mark.gpu
+def test_rope_keys_real_shape_gpu():
+    """16380 keys (7020 e4m3 cache rows + 9360 fresh bf16), 40 heads: default config, km from 1/8."""
+    rope = Rope3D(45, 26, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    sk, ws = 16380, 7020
+    k = torch.randn(1, sk, 40, 128, device="cuda", generator=g) + torch.randn(40, 128, device="cuda", generator=g)
+    k = k.bfloat16()
+    c8, cs = fp8_quantize_per_head(k[:, :ws])
+    full = torch.cat([fp8_dequantize_per_head(c8, cs), k[:, ws:]], dim=1)
+    ref = rope_apply_reference(full, rope.table(0, 14))
+    src = [P.KSource(c8, cs), P.KSource(k[:, ws:])]
+    kr, _, _ = P.rope_keys(src, *rope.cos_sin(), quantize=False)
+    assert_bf16_close(kr, ref)
+    k8, ks, km = P.rope_keys(src, *rope.cos_sin(), quantize=True)
+    rows = P.km_sample_rows(sk, P.KM_STRIDE).cuda()
+    assert torch.allclose(km, ref.float()[:, rows].mean(1), rtol=1e-4, atol=1e-4)
+    _check_int8_keys(k8, ks, km, ref)

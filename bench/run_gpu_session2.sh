@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Device calls of the second 2026-11-24 session.  Usage (device tool):
+#   bash bench/run_gpu_session2.sh kernels   # GPU tests of the changed kernels + the kernel tables (gemm, attention)
+#   bash bench/run_gpu_session2.sh e2e       # end-to-end FPS (+ profile), variants, accuracy vs the reference path
+source bench/devenv.sh
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+LOG="$OUT/log_$1.txt"
+L() { echo "== $*" | tee -a "$LOG"; }
+nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw --format=csv,noheader | tee -a "$LOG"
+C="python3 -m liveact.tools.cli"
+B="$C bench fps --preset liveact-18b --size 416*720 --no-progress --ops triton --fp8-kv-cache"
+S="steady_fps|ms_per_step_steady|time_to_first_chunk|peak_mem|ops |sm_clock|ms_vae_steady"
+if [ "$1" = kernels ]; then
+  L "gpu tests of the changed kernels"
+  timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_norm_quant.py tests/test_fp8_gemm.py \
+    tests/test_attention.py tests/test_qk_prep.py tests/test_convkv.py tests/test_attention_ops.py \
+    tests/test_attention_gluon.py 2>&1 | tail -6 | tee -a "$LOG"
+  L "bench kernels --only attention"
+  timeout 150 $C bench kernels --only attention --json "$OUT/attention_bench.json" > "$OUT/attention_bench.log" 2>&1
+  tail -30 "$OUT/attention_bench.log" | tee -a "$LOG"
+  L "bench kernels --only gemm"
+  timeout 170 $C bench kernels --only gemm --json "$OUT/gemm_bench.json" > "$OUT/gemm_bench.log" 2>&1
+  grep -v "^kernel" "$OUT/gemm_bench.log" | cut -c1-150 | tee -a "$LOG"
+fi
+if [ "$1" = e2e ]; then
+  L "triton ops (precise FP8 GEMMs, Triton attention), FP8 KV cache, CUDA graphs, + profile of one chunk"
+  $B --chunks 8 --warmup 3 --json "$OUT/fps_triton.json" --profile "$OUT/profile_triton.txt" 2>&1 | grep -E "$S|ms/step|calls" | tee -a "$LOG"
+  L "same, Gluon self-attention"
+  $B --chunks 7 --warmup 3 --attention-kernel gluon --json "$OUT/fps_gluon.json" 2>&1 | grep -E "$S" | tee -a "$LOG"
+  L "same, Gluon self-attention + fast-accumulation GEMMs"
+  $B --chunks 7 --warmup 3 --attention-kernel gluon --fast-accum --json "$OUT/fps_gluon_fast.json" 2>&1 | grep -E "$S" | tee -a "$LOG"
+  L "accuracy after 3 chunks vs the reference path: default triton ops / gluon + fast-accum"
+  python3 -m liveact.bench.accuracy --preset liveact-18b --size 416*720 --chunks 3 --ops triton --fp8-kv-cache \
+    --json "$OUT/accuracy.json" 2>&1 | tail -4 | tee -a "$LOG"
+  python3 -m liveact.bench.accuracy --preset liveact-18b --size 416*720 --chunks 3 --ops triton --fp8-kv-cache \
+    --attention-kernel gluon --fast-accum --json "$OUT/accuracy_gluon_fast.json" 2>&1 | tail -4 | tee -a "$LOG"
+fi
