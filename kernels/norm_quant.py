@@ -5,6 +5,7 @@ One program handles ROWS rows of K channels, entirely in registers (one read of 
     quantize_rows            q = e4m3(x * (1/s)),  s = max(amax_row|x| / 448, 1e-12)
     norm_modulate_quant      u = bf16(LN(x) in fp32);  y = bf16(u * bf16(1 + scale) + shift);  then quantize y
     layer_norm_quant         y = bf16(LN(x) * w + b in fp32);                                  then quantize y
+    rms_norm                 y = bf16(bf16(x * rsqrt(mean(x^2) + eps)) * w)   (WanRMSNorm; bf16 out only)
 
 Rounding chain = ReferenceOps.norm_modulate / layer_norm (shared model/ops.py): LN in fp32, round to the
 model dtype, modulate in fp32, round to the model dtype, and only then quantize, so the bf16-output variant
@@ -106,10 +107,15 @@ def _load_part(X, rows, rmask, stride_x, C0: tl.constexpr, B: tl.constexpr, K, P
 @triton.jit
 def _finish_part(d, rstd, cols, mask, rows, W, B, SHIFT, SCALE, stride_mod, K,
                  rdt: tl.constexpr, NORM: tl.constexpr, AFFINE: tl.constexpr, MODULATE: tl.constexpr,
-                 MANUAL: tl.constexpr):
+                 MANUAL: tl.constexpr, RMS: tl.constexpr):
     """Normalised (or raw) part -> the model-dtype rounded y (fp32 values) of the reference chain."""
     y = d
-    if NORM:
+    if RMS:    # WanRMSNorm: bf16(x * rstd), then bf16(. * w)
+        y = _round_to(d * rstd[:, None], rdt, MANUAL)
+        if AFFINE:
+            w = tl.load(W + cols, mask=cols < K, other=0.0).to(tl.float32)
+            y = _round_to(y * w[None, :], rdt, MANUAL)
+    elif NORM:
         y = d * rstd[:, None]
         if AFFINE:
             w = tl.load(W + cols, mask=cols < K, other=0.0).to(tl.float32)
@@ -144,7 +150,7 @@ def _row_kernel(X, W, B, SHIFT, SCALE, Y, YB, S,
                 NORM: tl.constexpr, AFFINE: tl.constexpr, MODULATE: tl.constexpr,
                 QUANT: tl.constexpr, STORE_BF16: tl.constexpr, MANUAL: tl.constexpr,
                 ROWS: tl.constexpr, BLOCK: tl.constexpr, BLOCK2: tl.constexpr = 0, PADDED: tl.constexpr = True,
-                HW_CVT: tl.constexpr = False):
+                HW_CVT: tl.constexpr = False, RMS: tl.constexpr = False):
     """A row as one or two power-of-two parts [ROWS, BLOCK] (+ [ROWS, BLOCK2]); PADDED: the parts cover
     more than K channels (masked), else exactly K (no column masks, no padded lanes)."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
@@ -156,7 +162,12 @@ def _row_kernel(X, W, B, SHIFT, SCALE, Y, YB, S,
         x2, c2, m2 = _load_part(X, rows, rmask, stride_x, BLOCK, BLOCK2, K, PADDED)
         d2 = x2.to(tl.float32)
     rstd = tl.zeros((ROWS,), tl.float32)
-    if NORM:
+    if RMS:
+        ss = tl.sum(d1 * d1, axis=1)
+        if BLOCK2 > 0:
+            ss += tl.sum(d2 * d2, axis=1)
+        rstd = tl.math.div_rn(tl.full((ROWS,), 1.0, tl.float32), tl.math.sqrt_rn(ss / K + eps))
+    elif NORM:
         tot = tl.sum(d1, axis=1)
         if BLOCK2 > 0:
             tot += tl.sum(d2, axis=1)
@@ -170,7 +181,8 @@ def _row_kernel(X, W, B, SHIFT, SCALE, Y, YB, S,
             ss += tl.sum(d2 * d2, axis=1)
         var = ss / K
         rstd = tl.math.div_rn(tl.full((ROWS,), 1.0, tl.float32), tl.math.sqrt_rn(var + eps))
-    y1 = _finish_part(d1, rstd, c1, m1, rows, W, B, SHIFT, SCALE, stride_mod, K, rdt, NORM, AFFINE, MODULATE, MANUAL)
+    y1 = _finish_part(d1, rstd, c1, m1, rows, W, B, SHIFT, SCALE, stride_mod, K, rdt, NORM, AFFINE, MODULATE,
+                      MANUAL, RMS)
     inv = rstd
     if QUANT:
         if PADDED:
@@ -179,14 +191,14 @@ def _row_kernel(X, W, B, SHIFT, SCALE, Y, YB, S,
             amax = tl.max(tl.abs(y1), axis=1)
         if BLOCK2 > 0:
             y2 = _finish_part(d2, rstd, c2, m2, rows, W, B, SHIFT, SCALE, stride_mod, K, rdt, NORM, AFFINE,
-                              MODULATE, MANUAL)
+                              MODULATE, MANUAL, RMS)
             amax = tl.maximum(amax, tl.max(tl.abs(y2), axis=1))
         s = tl.maximum(amax / 448.0, 1e-12)
         inv = tl.math.div_rn(tl.full((ROWS,), 1.0, tl.float32), s)
         tl.store(S + rows, s, mask=rmask)
     elif BLOCK2 > 0:
         y2 = _finish_part(d2, rstd, c2, m2, rows, W, B, SHIFT, SCALE, stride_mod, K, rdt, NORM, AFFINE,
-                          MODULATE, MANUAL)
+                          MODULATE, MANUAL, RMS)
     _store_part(y1, inv, c1, m1, rows, Y, YB, stride_y, stride_yb, QUANT, STORE_BF16, HW_CVT)
     if BLOCK2 > 0:
         _store_part(y2, inv, c2, m2, rows, Y, YB, stride_y, stride_yb, QUANT, STORE_BF16, HW_CVT)
@@ -248,7 +260,8 @@ def _mod_rows(v: torch.Tensor, m: int, k: int, name: str):
                      f"(shape [.., 1, {k}]) or one row per token ([{m}, {k}] after flattening)")
 
 
-def _launch(x, w=None, b=None, shift=None, scale=None, eps=1e-6, norm=True, quant=True, store_bf16=False):
+def _launch(x, w=None, b=None, shift=None, scale=None, eps=1e-6, norm=True, quant=True, store_bf16=False,
+            rms=False):
     x2 = _rows(x, "x")
     m, k = x2.shape
     dev = x2.device
@@ -266,6 +279,8 @@ def _launch(x, w=None, b=None, shift=None, scale=None, eps=1e-6, norm=True, quan
         stride_mod = 0
     affine = w is not None
     if affine:
+        if w.numel() != k:
+            raise ValueError(f"norm weight has {w.numel()} elements, expected {k}")
         if b is None:
             b = torch.zeros_like(w)
         w, b = w.contiguous(), b.contiguous()
@@ -277,7 +292,7 @@ def _launch(x, w=None, b=None, shift=None, scale=None, eps=1e-6, norm=True, quan
                           s if quant else dummy, m, k, x2.stride(0), stride_mod, k, k, float(eps),
                           NORM=norm, AFFINE=affine, MODULATE=mod, QUANT=quant, STORE_BF16=store_bf16,
                           MANUAL=interpreting(), ROWS=rows, BLOCK=block, BLOCK2=block2,
-                          PADDED=block + block2 != k, HW_CVT=hw, num_warps=warps)
+                          PADDED=block + block2 != k, HW_CVT=hw, RMS=rms, num_warps=warps)
     if quant:
         return QuantAct(q.view(*lead, k), s.view(lead), x.dtype, yb.view(*lead, k) if store_bf16 else None)
     return yb.view(*lead, k)
@@ -292,6 +307,11 @@ def norm_modulate_quant(x, shift, scale, eps: float, quant: bool = True, keep_bf
     """LN_noaffine(x) -> modulate -> (FP8 QuantAct | bf16 tensor) in one pass.  keep_bf16 with quant also
     returns the unquantized activation in QuantAct.bf16 (for mixed FP8/bf16 consumers)."""
     return _launch(x, shift=shift, scale=scale, eps=eps, quant=quant, store_bf16=(not quant) or keep_bf16)
+
+
+def rms_norm(x, weight, eps: float) -> torch.Tensor:
+    """WanRMSNorm in one pass: bf16(bf16(x * rsqrt(mean(x^2) + eps)) * weight) (= ReferenceOps.rms_norm)."""
+    return _launch(x, w=weight, eps=eps, quant=False, store_bf16=True, rms=True)
 
 
 def layer_norm_quant(x, weight, bias, eps: float, quant: bool = True, keep_bf16: bool = False):

@@ -104,6 +104,18 @@ def test_layer_norm(affine, k, device):
     _check_quant(qa, q_ref, s_ref, tol_codes=0.01, tol_scale=5e-3)
 
 
+@pytest.mark.parametrize("k", [160, 200])
+def test_rms_norm(k, device):
+    x = _data(29, k, torch.bfloat16, device, seed=11).view(1, 29, k)
+    w = (1 + 0.1 * torch.randn(k, generator=torch.Generator().manual_seed(12))).to(device, torch.bfloat16)
+    ref = ReferenceOps().rms_norm(x, w, 1e-6)
+    y = nq.rms_norm(x, w, 1e-6)
+    assert y.shape == x.shape and y.dtype == x.dtype and torch.isfinite(y).all()
+    assert (y != ref).float().mean().item() < 0.01 and _rel(y, ref) < 2e-3
+    with pytest.raises(ValueError, match="expected 200"):
+        nq.rms_norm(torch.randn(3, 200), torch.ones(100), 1e-6)
+
+
 def test_round_e4m3_matches_torch(device):
     """The in-kernel e4m3 rounding (used because the interpreter's cast is wrong) equals torch's cast,
     including values just below powers of two, subnormals, ties and the clamp at 448."""
@@ -144,3 +156,6 @@ def test_producer_real_shape():
     b = (0.05 * torch.randn(k, generator=g)).cuda().bfloat16()
     qa = nq.layer_norm_quant(x, w, b, 1e-6)
     _check_quant(qa, *nq.layer_norm_ref(x, w, b, 1e-6), tol_codes=0.01, tol_scale=5e-3)
+    ref = ReferenceOps().rms_norm(x, w, 1e-6)
+    y = nq.rms_norm(x, w, 1e-6)
+    assert (y != ref).float().mean().item() < 0.01 and _rel(y, ref) < 2e-3
