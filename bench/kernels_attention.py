@@ -151,6 +151,13 @@ def run(device="cuda", quick=False) -> list[dict]:
     c, r = _metrics(o[:, :, :2], ref)
     ms = _bench(lambda: A.attention_quant_prepared(q8, qs, kv), quick)
     rows.append(_row("self_attn", shape, "ours-int8fp8 kernel", ms, flops, ratio=ms_sdpa / ms, cos=c, rel_l1=r))
+    from ..kernels import attention_gluon as G
+    if G.available():
+        o = G.attention_gluon(q8, qs, kv)
+        c2, r2 = _metrics(o[:, :, :2], ref)
+        ms = _bench(lambda: G.attention_gluon(q8, qs, kv), quick)
+        rows.append(_row("self_attn", shape, f"ours-gluon {G.DEFAULT_CONFIG}", ms, flops, ratio=ms_sdpa / ms, cos=c2,
+                         rel_l1=r2))
     o = A.attention_quant_prepared(q8, qs, kv, lazy=True)
     c2, r2 = _metrics(o[:, :, :2], ref)
     ms = _bench(lambda: A.attention_quant_prepared(q8, qs, kv, lazy=True), quick)

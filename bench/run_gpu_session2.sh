@@ -2,6 +2,7 @@
 # Device calls of the second 2026-11-24 session.  Usage (device tool):
 #   bash bench/run_gpu_session2.sh kernels   # GPU tests of the changed kernels + the kernel tables (gemm, attention)
 #   bash bench/run_gpu_session2.sh e2e       # end-to-end FPS (+ profile), variants, accuracy vs the reference path
+#   bash bench/run_gpu_session2.sh e2e2      # the same after the fused RMSNorm, + VAE decode
 source bench/devenv.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 LOG="$OUT/log_$1.txt"
@@ -11,16 +12,33 @@ C="python3 -m liveact.tools.cli"
 B="$C bench fps --preset liveact-18b --size 416*720 --no-progress --ops triton --fp8-kv-cache"
 S="steady_fps|ms_per_step_steady|time_to_first_chunk|peak_mem|ops |sm_clock|ms_vae_steady"
 if [ "$1" = kernels ]; then
-  L "gpu tests of the changed kernels"
-  timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_norm_quant.py tests/test_fp8_gemm.py \
+  # sageattention 1.0.6 (the baseline the attention table names) is not in the image: carry its wheel
+  if ls .whl/sageattention-*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/sage .whl/sageattention-*.whl \
+      && export PYTHONPATH=$PYTHONPATH:/tmp/sage
+  fi
+  L "gpu tests of the changed kernels (tests/test_attention_gluon.py: run by bench/attention_gluon_bench.py's author)"
+  timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_norm_quant.py tests/test_fp8_gemm.py \
     tests/test_attention.py tests/test_qk_prep.py tests/test_convkv.py tests/test_attention_ops.py \
-    tests/test_attention_gluon.py 2>&1 | tail -6 | tee -a "$LOG"
+    tests/test_fp8_linear_ops.py tests/test_gpu_runtime.py 2>&1 | tail -6 | tee -a "$LOG"
   L "bench kernels --only attention"
-  timeout 150 $C bench kernels --only attention --json "$OUT/attention_bench.json" > "$OUT/attention_bench.log" 2>&1
+  timeout 140 $C bench kernels --only attention --json "$OUT/attention_bench.json" > "$OUT/attention_bench.log" 2>&1
   tail -30 "$OUT/attention_bench.log" | tee -a "$LOG"
   L "bench kernels --only gemm"
   timeout 170 $C bench kernels --only gemm --json "$OUT/gemm_bench.json" > "$OUT/gemm_bench.log" 2>&1
   grep -v "^kernel" "$OUT/gemm_bench.log" | cut -c1-150 | tee -a "$LOG"
+  L "producer sweep (rows, warps, split)"
+  timeout 50 python3 -m liveact.bench.kernels_gemm --sweep producer 2>&1 | grep -v "^kernel" | cut -c1-110 | tee -a "$LOG"
+fi
+if [ "$1" = e2e2 ]; then
+  L "triton ops + fused RMSNorm: default / gluon + fast-accum, FP8 KV cache, CUDA graphs"
+  $B --chunks 8 --warmup 3 --json "$OUT/fps_triton_rms.json" --profile "$OUT/profile_triton_rms.txt" 2>&1 | grep -E "$S" | tee -a "$LOG"
+  $B --chunks 8 --warmup 3 --attention-kernel gluon --fast-accum --json "$OUT/fps_gluon_fast_rms.json" 2>&1 | grep -E "$S" | tee -a "$LOG"
+  L "same + streaming VAE decode (416x720, then 480x832 / 512x512)"
+  $B --chunks 7 --warmup 3 --attention-kernel gluon --fast-accum --vae --json "$OUT/fps_gluon_fast_vae.json" 2>&1 | grep -E "$S" | tee -a "$LOG"
+  L "accuracy after 3 chunks vs the reference path, gluon + fast-accum, with the fused RMSNorm"
+  python3 -m liveact.bench.accuracy --preset liveact-18b --size 416*720 --chunks 3 --ops triton --fp8-kv-cache \
+    --attention-kernel gluon --fast-accum --json "$OUT/accuracy_gluon_fast_rms.json" 2>&1 | tail -4 | tee -a "$LOG"
 fi
 if [ "$1" = e2e ]; then
   L "triton ops (precise FP8 GEMMs, Triton attention), FP8 KV cache, CUDA graphs, + profile of one chunk"
