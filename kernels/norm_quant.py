@@ -231,7 +231,7 @@ def _settings(k: int, norm: bool):
     """(BLOCK, BLOCK2, ROWS per program, num_warps, hardware e4m3 cast): one row per program on the GPU, 16K
     elements per program in the interpreter (its cost is per program, not per element)."""
     rows = 1 if not interpreting() else max(1, min(64, 16384 // triton.next_power_of_2(k)))
-    hw, split = not interpreting(), True
+    hw, split = not interpreting(), norm   # quantize_rows is DRAM bound already: one padded part measured best
     warps = (2 if norm else 4) if k <= 8192 else 8
     if SETTINGS_OVERRIDE is not None:
         rows, warps, hw, split = SETTINGS_OVERRIDE

@@ -19,7 +19,7 @@ class TritonOps(FP8LinearOps, TritonAttentionOps):
 
     def __init__(self, fp8_gemm: bool = True, fp8_attention: bool = True, policy=None, force: bool = False,
                  fast_accum: bool = False, fp8_weights=None, discard_bf16: bool = False,
-                 attention_kernel: str = "triton"):
+                 attention_kernel: str = "auto"):
         FP8LinearOps.__init__(self, policy=policy if fp8_gemm else {"default": "bf16"}, force_triton=force,
                               fast_accum=fast_accum, fp8_weights=fp8_weights, free_bf16_weights=discard_bf16)
         TritonAttentionOps.__init__(self, quantized=fp8_attention, force=force, attention_kernel=attention_kernel)
@@ -28,13 +28,13 @@ class TritonOps(FP8LinearOps, TritonAttentionOps):
     def describe(self) -> str:
         gemm = "fp8 W8A8" if (self.enabled and self._names and self.fp8_gemm) else "bf16 cuBLAS"
         attn = "int8/fp8" if self.quantized else "bf16"
-        if self.quantized and self.attention_kernel == "gluon":
-            attn += " gluon"
+        if self.quantized:
+            attn += " gluon" if self.uses_gluon() else " triton"
         return f"triton (GEMM {gemm}{', fast-accum' if self.fast_accum else ''}, attention {attn})"
 
 
 def make_triton_ops(device=None, fp8_gemm=None, fp8_attention=None, policy=None, fast_accum=False,
-                    discard_bf16=False, attention_kernel="triton") -> TritonOps:
+                    discard_bf16=False, attention_kernel="auto") -> TritonOps:
     """Flags left as None mean 'on where the hardware supports it'.  discard_bf16: after quantizing,
     drop the bf16 copies of FP8 layers (as the published FP8 path does); the model then runs only
     with these ops."""

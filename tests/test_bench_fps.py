@@ -35,4 +35,7 @@ def test_kernel_flags_need_ops_triton(capsys):
     p = argparse.ArgumentParser()
     add_ops_arguments(p)
     ops = make_ops(p.parse_args(["--ops", "triton", "--attention-kernel", "gluon"]), "cpu")
-    assert ops.attention_kernel == "gluon" and "gluon" in ops.describe()
+    assert ops.attention_kernel == "gluon"
+    assert make_ops(p.parse_args(["--ops", "triton"]), "cpu").attention_kernel == "auto"
+    # describe() says what runs: no Gluon without an sm90 GPU
+    assert ("gluon" in ops.describe()) == ops.uses_gluon()

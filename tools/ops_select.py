@@ -21,9 +21,9 @@ def add_ops_arguments(p: argparse.ArgumentParser):
     p.add_argument("--no-fp8-attention", dest="fp8_attention", action="store_false")
     p.add_argument("--fast-accum", action="store_true",
                    help="FP8 GEMMs accumulate inside the tensor core (faster, less accurate; default: precise)")
-    p.add_argument("--attention-kernel", default="triton", choices=["triton", "gluon"],
-                   help="self-attention kernel with --ops triton: triton (default) or gluon (Hopper only, "
-                        "kernels/attention_gluon.py; same math)")
+    p.add_argument("--attention-kernel", default="auto", choices=["auto", "triton", "gluon"],
+                   help="self-attention kernel with --ops triton: auto (default: gluon on Hopper, else triton), "
+                        "triton, or gluon (kernels/attention_gluon.py; same math)")
     p.add_argument("--precision-policy", default=None, metavar="JSON",
                    help="per-layer FP8/bf16 policy written by `liveact calibrate`")
 
@@ -34,7 +34,7 @@ def make_ops(args, device):
         asked = [f for f, on in (("--fp8-gemm", args.fp8_gemm), ("--fp8-attention", args.fp8_attention),
                                  ("--fast-accum", getattr(args, "fast_accum", False)),
                                  ("--precision-policy", args.precision_policy),
-                                 ("--attention-kernel gluon", getattr(args, "attention_kernel", "triton") == "gluon"))
+                                 ("--attention-kernel", getattr(args, "attention_kernel", "auto") != "auto"))
                  if on]
         if asked:
             raise SystemExit(f"error: {', '.join(asked)} select our Triton kernels: add --ops triton")
@@ -46,7 +46,7 @@ def make_ops(args, device):
     # the bf16 copies of FP8 layers are dropped after quantization (as published): ~17 GiB back for KV caches
     return make_triton_ops(device=device, fp8_gemm=args.fp8_gemm, fp8_attention=args.fp8_attention,
                            policy=args.precision_policy, fast_accum=getattr(args, "fast_accum", False),
-                           discard_bf16=True, attention_kernel=getattr(args, "attention_kernel", "triton"))
+                           discard_bf16=True, attention_kernel=getattr(args, "attention_kernel", "auto"))
 
 
 def uses_fp8_weights(args) -> bool:
