@@ -3,6 +3,7 @@
 #   bash bench/run_gpu_session2.sh kernels   # GPU tests of the changed kernels + the kernel tables (gemm, attention)
 #   bash bench/run_gpu_session2.sh e2e       # end-to-end FPS (+ profile), variants, accuracy vs the reference path
 #   bash bench/run_gpu_session2.sh e2e2      # the same after the fused RMSNorm, + VAE decode
+#   bash bench/run_gpu_session2.sh final     # defaults at the end of the session (auto attention kernel, SDPA cross)
 source bench/devenv.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 LOG="$OUT/log_$1.txt"
@@ -29,6 +30,17 @@ if [ "$1" = kernels ]; then
   grep -v "^kernel" "$OUT/gemm_bench.log" | cut -c1-150 | tee -a "$LOG"
   L "producer sweep (rows, warps, split)"
   timeout 50 python3 -m liveact.bench.kernels_gemm --sweep producer 2>&1 | grep -v "^kernel" | cut -c1-110 | tee -a "$LOG"
+fi
+if [ "$1" = final ]; then
+  L "final: --ops triton (auto = Gluon self-attention, SDPA cross-attention, fused RMSNorm), precise / fast-accum"
+  $B --chunks 8 --warmup 3 --json "$OUT/fps_final.json" --profile "$OUT/profile_final.txt" 2>&1 | grep -E "$S" | tee -a "$LOG"
+  $B --chunks 8 --warmup 3 --fast-accum --json "$OUT/fps_final_fast.json" 2>&1 | grep -E "$S" | tee -a "$LOG"
+  $B --chunks 7 --warmup 3 --fast-accum --vae --json "$OUT/fps_final_fast_vae.json" 2>&1 | grep -E "$S" | tee -a "$LOG"
+  L "accuracy after 3 chunks vs the reference path: default / fast-accum"
+  python3 -m liveact.bench.accuracy --preset liveact-18b --size 416*720 --chunks 3 --ops triton --fp8-kv-cache \
+    --json "$OUT/accuracy_final.json" 2>&1 | tail -4 | tee -a "$LOG"
+  python3 -m liveact.bench.accuracy --preset liveact-18b --size 416*720 --chunks 3 --ops triton --fp8-kv-cache \
+    --fast-accum --json "$OUT/accuracy_final_fast.json" 2>&1 | tail -4 | tee -a "$LOG"
 fi
 if [ "$1" = e2e2 ]; then
   L "triton ops + fused RMSNorm: default / gluon + fast-accum, FP8 KV cache, CUDA graphs"
