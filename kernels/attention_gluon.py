@@ -86,10 +86,33 @@ Measured (H100 80GB HBM3, torch 2.11, triton 3.6, do_bench median, 9360 x 16380 
   profiler run): each added softmax instruction costs ~0.6 cycles per warp and block, and removing MUFU work
   saves nothing, so the kernel is limited by issue slots and by the serial QK -> softmax -> PV
   chain of each warp, not by MUFU throughput.  DEFAULT_CONFIG stays plain_s2.
-Next steps (not tried): fewer softmax instructions per score (per-key-block K scales would make the score ->
-exp2 argument one FFMA with no per-key loads or FMULs: ~128 fewer instructions per block, a change to
-quantize_kv's recipe and accuracy); a schedule in which the tensor cores run during the softmax of the same
-warpgroup (FA3 intra-warpgroup overlap, which spilled here at 255 registers).
+Per-key-BLOCK K scales (KBLOCK; configs plain_s2_kblock, plain_s2_kblock_3cta; plain_s2 switches to it when
+kv.k_scale is [B, H, cdiv(Sk, 128)] instead of [B, H, Sk]; the other configs refuse per-block scales):
+    s2_ij = (qs_i * kb_J) * (q8_i . k8_j)   one scale kb_J per (batch, head, 128-key block J = BN block)
+  so per row and block a_i = qs_i * kb, a0_i = -1.5*2^23 * a_i and the exp2 argument is ONE FFMA per score:
+    x_ij = sb_ij * a_i + (a0_i + log2 448 - m_new),  m_new = max(m_i, max_j(sb_ij) * a_i + a0_i)
+  (no per-key ks / c vectors: no 32 LDGs, no t = sb * ks + c FFMA, no separate t * qs step).  The masked last
+  block keeps the per-key formula with the scalar kb (t = sb * kb + c, -inf mask, x = t * qs + ...): the one-FFMA
+  form there produced one NaN output row (row 63 of the CTA, deterministic) at Sk = 1 on the H100 -- measured, not
+  root-caused.  Producer: requantize_k_per_block (dequantize quantize_kv's per-key int8 keys, requantize with
+  scale = block amax / 127; two roundings) or quantize_k_per_block (from bf16 keys minus km, one rounding).
+  SASS (ptxas sm_90a, main loop, per 64x128 block per thread): 598 instructions (134 FFMA, 70 FADD, 68 FMNMX,
+  66 MUFU, 67 IADD, 5 FMUL, 1 LDG) vs 716 for plain_s2 (194 FFMA, 34 FMUL, 32 LDG); 199 registers in the loop
+  (254 with 40 B of spills in the masked tail block only, none in the loop) vs 249, so maxnreg 168 fits with no
+  spill in the loop (plain_s2_kblock_3cta: 3 CTAs = 3 warpgroups per SM; 4-24 B spilled outside the loop).
+  Measured (H100 80GB HBM3, same shape; run A = `--kblock` bench, run B = `--kblock-probe`, final code in B):
+    run  SDPA  Triton  plain_s2           plain_s2_kblock            plain_s2_kblock_3cta
+    A    558   618     656 (4.786 ms)     748 (4.199 ms, 1.14x)      824 (3.811 ms, 1.26x; 1.33x Triton)
+    B    -     -       651 (4.822 ms)     786 (3.997 ms, 1.21x)      816 (3.847 ms, 1.25x)
+  (run A's plain_s2_kblock used the one-FFMA masked tail described above; B has the final tail, 762 TF/s with
+  the old one in the same run.)  Accuracy at the real shape: cos vs fp32 on 2 heads 0.999238 (keys requantized
+  from quantize_kv's int8) / 0.999260 (quantized per block from bf16) vs 0.999281 per key (rel-L1 0.0390 / 0.0384
+  vs 0.0378); cos 0.999997 vs the Triton kernel on the same per-block keys (scales repeated per key), 0.99959 vs
+  plain_s2 on the per-key keys; LSE within 8e-5 of Triton's on small shapes.  DEFAULT_CONFIG stays plain_s2
+  (the production keys are per key; per-block keys need a producer change).
+Next steps (not tried): a per-block K producer in qk_prep; a schedule in which the tensor cores run during the
+softmax of the same warpgroup (FA3 intra-warpgroup overlap, which spilled here at 255 registers; KBLOCK frees
+~50 registers for it).
 """
 from __future__ import annotations
 
@@ -118,6 +141,8 @@ LOG2_448 = math.log2(448.0)
 #   ws            1 TMA producer warp + 2 consumer warpgroups (BM = 128), free-running
 #   ws_pp         same + ping-pong: the consumers take turns issuing PV(j) + QK(j+1)
 #   ws_pp_nofold  same, int->float as FADD + FMUL (no per-key c_j registers)
+#   plain_s2_kblock  plain_s2 with one K scale per (batch, head, 128-key block) instead of per key
+#   plain_s2_kblock_3cta  same at maxnreg 168: 3 CTAs per SM
 #   plain_s2_h2 / plain_s2_poly25 / plain_s2_poly50 / ws_pp_poly25: exp2 via ex2.approx.f16x2 / 1 or 2 of every
 #                 4 exp2s as an FMA-pipe polynomial (all measured slower or equal; docstring)
 CONFIGS = {
@@ -131,6 +156,12 @@ CONFIGS = {
     "plain_s2_poly25": dict(WS=False, NUM_CONSUMERS=1, PINGPONG=False, FOLD=True, STAGES=2, maxnreg=None, EXP=2),
     "plain_s2_poly50": dict(WS=False, NUM_CONSUMERS=1, PINGPONG=False, FOLD=True, STAGES=2, maxnreg=None, EXP=3),
     "ws_pp_poly25": dict(WS=True, NUM_CONSUMERS=2, PINGPONG=True, FOLD=True, STAGES=2, maxnreg=168, EXP=2),
+    # per-key-block K scales (KBLOCK): needs kv.k_scale [B, H, cdiv(Sk, 128)] (requantize_k_per_block)
+    "plain_s2_kblock": dict(WS=False, NUM_CONSUMERS=1, PINGPONG=False, FOLD=True, STAGES=2, maxnreg=None,
+                            KBLOCK=True),
+    # same with maxnreg 168 (no spills: KBLOCK needs 199 registers, not 249): 3 CTAs (3 warpgroups) per SM
+    "plain_s2_kblock_3cta": dict(WS=False, NUM_CONSUMERS=1, PINGPONG=False, FOLD=True, STAGES=2, maxnreg=168,
+                                 KBLOCK=True),
 }
 BLOCK_N = 128
 NUM_WARPS = 4
@@ -185,30 +216,55 @@ if _GLUON_OK:
             return gl.inline_asm_elementwise(_P50, "=r,=r,=r,=r,r,r,r,r", [x], dtype=gl.float32, is_pure=True, pack=4)
 
     @gluon.jit
-    def _load_ks(KS, bh, Sk, n0, BN: gl.constexpr, S_L: gl.constexpr, MASKED: gl.constexpr):
-        """Per-key terms of block n0: ks_j (0 past Sk) and c_j = -1.5*2^23 * ks_j."""
-        cols = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, S_L))
-        if MASKED:
-            ks = gl.load(KS + bh * Sk + cols, mask=cols < Sk, other=0.0)
+    def _load_ks(KS, bh, Sk, n0, BN: gl.constexpr, S_L: gl.constexpr, MASKED: gl.constexpr,
+                 KBLOCK: gl.constexpr):
+        """Key-scale terms of block n0: per key, ks_j (0 past Sk) and c_j = -1.5*2^23 * ks_j; with KBLOCK the
+        block's one scale kb (a scalar, KS is [B, H, cdiv(Sk, BN)]) and -1.5*2^23 * kb."""
+        if KBLOCK:
+            ks = gl.load(KS + bh * gl.cdiv(Sk, BN) + n0 // BN)
         else:
-            ks = gl.load(KS + bh * Sk + cols)
+            cols = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, S_L))
+            if MASKED:
+                ks = gl.load(KS + bh * Sk + cols, mask=cols < Sk, other=0.0)
+            else:
+                ks = gl.load(KS + bh * Sk + cols)
         return ks, ks * (-12582912.0)
 
     @gluon.jit
     def _softmax(s, qs, ks, c, Sk, n0, m_i, l_i, BN: gl.constexpr, S_L: gl.constexpr, P_L: gl.constexpr,
-                 MASKED: gl.constexpr, FOLD: gl.constexpr, EXP: gl.constexpr):
+                 MASKED: gl.constexpr, FOLD: gl.constexpr, EXP: gl.constexpr, KBLOCK: gl.constexpr):
         """int32 scores of key block n0 -> (e4m3 P in the wgmma A-operand layout, alpha, m_new, l_new)."""
         sb = (s + 0x4B400000).to(gl.float32, bitcast=True)       # = 1.5*2^23 + s exactly (|s| < 2^22)
-        if FOLD:
-            t = sb * ks[None, :] + c[None, :]                      # = s * ks_j  (one FFMA; c costs 32 regs)
-        else:
-            t = (sb - 12582912.0) * ks[None, :]                    # FADD (exact) + FMUL
-        if MASKED:
+        if KBLOCK and not MASKED:
+            # ks, c: the block's scalar kb and -1.5*2^23 * kb.  Per row a = qs * kb, a0 = -1.5*2^23 * a:
+            # s2 = sb * a + a0 and the exp2 argument is ONE FFMA per score, sb * a + (a0 + log2 448 - m_new)
+            # (the cancellation happens inside the FFMA; rounding a0 + ... costs ~1 unit of s, i.e. ~a)
+            a = qs * ks
+            a0 = qs * c
+            m_new = gl.maximum(m_i, gl.max(sb, axis=1) * a + a0)
+            alpha = gl.exp2(m_i - m_new)
+            x = sb * a[:, None] + (a0 + (8.807354922057604 - m_new))[:, None]   # p = 2^x in [0, 448]
+        elif KBLOCK:
+            # masked last block (once per row block): the per-key formula with the block's scalar kb.  (The
+            # one-FFMA formula here, masking sb before the max and x after it, gave a NaN output row -- row 63
+            # of the CTA, every run -- at Sk = 1 on the H100; measured, not root-caused.)
+            t = sb * ks + c
             cols = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, S_L))
             t = gl.where((cols < Sk)[None, :], t, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(t, axis=1) * qs)            # qs > 0
-        alpha = gl.exp2(m_i - m_new)
-        x = t * qs[:, None] + (8.807354922057604 - m_new)[:, None]            # p = 2^x in [0, 448]
+            m_new = gl.maximum(m_i, gl.max(t, axis=1) * qs)
+            alpha = gl.exp2(m_i - m_new)
+            x = t * qs[:, None] + (8.807354922057604 - m_new)[:, None]
+        else:
+            if FOLD:
+                t = sb * ks[None, :] + c[None, :]                  # = s * ks_j  (one FFMA; c costs 32 regs)
+            else:
+                t = (sb - 12582912.0) * ks[None, :]                # FADD (exact) + FMUL
+            if MASKED:
+                cols = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, S_L))
+                t = gl.where((cols < Sk)[None, :], t, float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(t, axis=1) * qs)        # qs > 0
+            alpha = gl.exp2(m_i - m_new)
+            x = t * qs[:, None] + (8.807354922057604 - m_new)[:, None]        # p = 2^x in [0, 448]
         if EXP == 0:
             p = gl.exp2(x)
         elif EXP == 1:
@@ -248,17 +304,17 @@ if _GLUON_OK:
     def _step(j, q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, k_desc, v_desc, s, part, acc,
               m_i, l_i, qs, KS, b, h, bh, Sk, BN: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
               S_L: gl.constexpr, P_L: gl.constexpr, MASKED: gl.constexpr, SELF_LOAD: gl.constexpr,
-              FOLD: gl.constexpr, EXP: gl.constexpr):
+              FOLD: gl.constexpr, EXP: gl.constexpr, KBLOCK: gl.constexpr):
         """Key block j without intra-warpgroup overlap: S = QK^T, softmax, PV, acc update."""
         st = j % STAGES
         ph = (j // STAGES) & 1
-        ks, c = _load_ks(KS, bh, Sk, j * BN, BN, S_L, MASKED)
+        ks, c = _load_ks(KS, bh, Sk, j * BN, BN, S_L, MASKED, KBLOCK)
         mbarrier.wait(k_ready.index(st), ph)
         s = warpgroup_mma(q_smem, k_bufs.index(st).permute((1, 0)), s, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(0, deps=(s, ))
         if not SELF_LOAD:
             mbarrier.arrive(k_empty.index(st), count=1)
-        p8, alpha, m_i, l_i = _softmax(s, qs, ks, c, Sk, j * BN, m_i, l_i, BN, S_L, P_L, MASKED, FOLD, EXP)
+        p8, alpha, m_i, l_i = _softmax(s, qs, ks, c, Sk, j * BN, m_i, l_i, BN, S_L, P_L, MASKED, FOLD, EXP, KBLOCK)
         mbarrier.wait(v_ready.index(st), ph)
         part = warpgroup_mma(p8, v_bufs.index(st).permute((1, 0)), part, use_acc=False, is_async=True)
         part = warpgroup_mma_wait(0, deps=(part, ))
@@ -274,7 +330,8 @@ if _GLUON_OK:
     def _step_pp(j, q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turn_me, turn_other, s, acc,
                  m_i, l_i, qs, KS, bh, Sk, WG: gl.constexpr, BN: gl.constexpr, D: gl.constexpr,
                  STAGES: gl.constexpr, S_L: gl.constexpr, O_L: gl.constexpr, P_L: gl.constexpr,
-                 MASKED: gl.constexpr, FOLD: gl.constexpr, LAST: gl.constexpr, EXP: gl.constexpr):
+                 MASKED: gl.constexpr, FOLD: gl.constexpr, LAST: gl.constexpr, EXP: gl.constexpr,
+                 KBLOCK: gl.constexpr):
         """Ping-pong step j (S(j) and its key terms are ready): softmax(j), then on this consumer's turn
         issue PV(j) and QK(j+1) back to back and hand the tensor cores to the other consumer; acc update.
         P is produced and consumed in the same step (a loop-carried fp8 tile is kept unpacked, 4x the
@@ -283,8 +340,8 @@ if _GLUON_OK:
         ph = (j // STAGES) & 1
         st1 = (j + 1) % STAGES
         ph1 = ((j + 1) // STAGES) & 1
-        ks, c = _load_ks(KS, bh, Sk, j * BN, BN, S_L, MASKED)
-        p8, alpha, m_i, l_i = _softmax(s, qs, ks, c, Sk, j * BN, m_i, l_i, BN, S_L, P_L, MASKED, FOLD, EXP)
+        ks, c = _load_ks(KS, bh, Sk, j * BN, BN, S_L, MASKED, KBLOCK)
+        p8, alpha, m_i, l_i = _softmax(s, qs, ks, c, Sk, j * BN, m_i, l_i, BN, S_L, P_L, MASKED, FOLD, EXP, KBLOCK)
         mbarrier.wait(turn_me, ((j + 1) & 1) ^ (1 - WG))
         mbarrier.wait(v_ready.index(st), ph)
         part = warpgroup_mma(p8, v_bufs.index(st).permute((1, 0)), gl.zeros([acc.shape[0], D], gl.float32, O_L),
@@ -307,7 +364,7 @@ if _GLUON_OK:
                   k_ready, v_ready, k_empty, v_empty, QS, KS, VS, KM, O, LSE, b, h, bh, H, Sq, Sk, pid_m,
                   HAS_LSE: gl.constexpr, BM_WG: gl.constexpr, BN: gl.constexpr, D: gl.constexpr,
                   STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr, SELF_LOAD: gl.constexpr,
-                  FOLD: gl.constexpr, PINGPONG: gl.constexpr, turn, EXP: gl.constexpr):
+                  FOLD: gl.constexpr, PINGPONG: gl.constexpr, turn, EXP: gl.constexpr, KBLOCK: gl.constexpr):
         S_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                       instr_shape=[16, BN, 32])
         O_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -349,18 +406,18 @@ if _GLUON_OK:
             for j in range(n_blk - 1):
                 s, acc, m_i, l_i = _step_pp(
                     j, q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turn_me, turn_other, s, acc,
-                    m_i, l_i, qs, KS, bh, Sk, WG, BN, D, STAGES, S_L, O_L, P_L, False, FOLD, False, EXP)
+                    m_i, l_i, qs, KS, bh, Sk, WG, BN, D, STAGES, S_L, O_L, P_L, False, FOLD, False, EXP, KBLOCK)
             s, acc, m_i, l_i = _step_pp(
                 n_blk - 1, q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turn_me, turn_other, s, acc,
-                m_i, l_i, qs, KS, bh, Sk, WG, BN, D, STAGES, S_L, O_L, P_L, True, FOLD, True, EXP)
+                m_i, l_i, qs, KS, bh, Sk, WG, BN, D, STAGES, S_L, O_L, P_L, True, FOLD, True, EXP, KBLOCK)
         else:
             for j in range(n_blk - 1):
                 s, part, acc, m_i, l_i = _step(j, q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty,
                                                k_desc, v_desc, s, part, acc, m_i, l_i, qs, KS, b, h, bh, Sk,
-                                               BN, D, STAGES, S_L, P_L, False, SELF_LOAD, FOLD, EXP)
+                                               BN, D, STAGES, S_L, P_L, False, SELF_LOAD, FOLD, EXP, KBLOCK)
             s, part, acc, m_i, l_i = _step(n_blk - 1, q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty,
                                            k_desc, v_desc, s, part, acc, m_i, l_i, qs, KS, b, h, bh, Sk,
-                                           BN, D, STAGES, S_L, P_L, True, SELF_LOAD, FOLD, EXP)
+                                           BN, D, STAGES, S_L, P_L, True, SELF_LOAD, FOLD, EXP, KBLOCK)
 
         # epilogue: out = acc * vs / l (bf16), lse
         dcol = gl.arange(0, D, layout=gl.SliceLayout(0, O_L))
@@ -382,7 +439,7 @@ if _GLUON_OK:
     def _attn_fwd_gluon(q_desc, k_desc, v_desc, QS, KS, VS, KM, O, LSE, H, Sq, Sk,
                         HAS_LSE: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
                         NUM_CONSUMERS: gl.constexpr, WS: gl.constexpr, FOLD: gl.constexpr, PINGPONG: gl.constexpr,
-                        EXP: gl.constexpr = 0):
+                        EXP: gl.constexpr = 0, KBLOCK: gl.constexpr = False):
         BM_WG: gl.constexpr = q_desc.block_type.shape[0]
         D: gl.constexpr = q_desc.block_type.shape[1]
         pid_m = gl.program_id(0)
@@ -418,11 +475,11 @@ if _GLUON_OK:
                     (_consumer, (WG0, q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty,
                                  v_empty, QS, KS, VS, KM, O, LSE, b, h, bh, H, Sq, Sk, pid_m,
                                  HAS_LSE, BM_WG, BN, D, STAGES, NUM_CONSUMERS, NO_SELF_LOAD, FOLD, PINGPONG, turn,
-                                 EXP)),
+                                 EXP, KBLOCK)),
                     (_consumer, (WG1, q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty,
                                  v_empty, QS, KS, VS, KM, O, LSE, b, h, bh, H, Sq, Sk, pid_m,
                                  HAS_LSE, BM_WG, BN, D, STAGES, NUM_CONSUMERS, NO_SELF_LOAD, FOLD, PINGPONG, turn,
-                                 EXP)),
+                                 EXP, KBLOCK)),
                     (_producer, (k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, b, h, bh, Sk,
                                  BN, D, STAGES)),
                 ], [4, 1], [240, 24])
@@ -431,14 +488,14 @@ if _GLUON_OK:
                     (_consumer, (WG0, q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty,
                                  v_empty, QS, KS, VS, KM, O, LSE, b, h, bh, H, Sq, Sk, pid_m,
                                  HAS_LSE, BM_WG, BN, D, STAGES, NUM_CONSUMERS, NO_SELF_LOAD, FOLD, PINGPONG, turn,
-                                 EXP)),
+                                 EXP, KBLOCK)),
                     (_producer, (k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, b, h, bh, Sk,
                                  BN, D, STAGES)),
                 ], [1], [24])
         else:
             _consumer(0, q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty, v_empty,
                       QS, KS, VS, KM, O, LSE, b, h, bh, H, Sq, Sk, pid_m,
-                      HAS_LSE, BM_WG, BN, D, STAGES, 1, True, FOLD, False, turn, EXP)
+                      HAS_LSE, BM_WG, BN, D, STAGES, 1, True, FOLD, False, turn, EXP, KBLOCK)
 
 
 # ----------------------------------------------------------------------------------- host API
@@ -483,15 +540,45 @@ def _check(q8, q_scale, kv):
             raise ValueError(f"attention_gluon: {name} must be contiguous; call .contiguous()")
     if kv.vt.shape[3] % 16 or sk < 1:
         raise ValueError("attention_gluon: vt's last dim must be a multiple of 16 (quantize_v pads it) and Sk >= 1")
+    nblk = (sk + BLOCK_N - 1) // BLOCK_N
+    ks = kv.k_scale
+    if ks.dtype != torch.float32 or ks.dim() != 3 or tuple(ks.shape[:2]) != (b, h) or ks.shape[2] not in (sk, nblk):
+        raise ValueError(f"attention_gluon: k_scale must be fp32 [B, H, Sk] (per key) or [B, H, cdiv(Sk, "
+                         f"{BLOCK_N})] (per {BLOCK_N}-key block, requantize_k_per_block); got "
+                         f"{tuple(ks.shape)} {ks.dtype} for B={b}, H={h}, Sk={sk}")
+
+
+def _kblock(kv, config: str) -> bool:
+    """Whether kv.k_scale holds one scale per BLOCK_N-key block (by shape; at Sk = 1 both forms are one scale).
+    A KBLOCK config (plain_s2_kblock*) insists on per-block scales; plain_s2 (the default) switches to its
+    per-block variant (= plain_s2_kblock) when given them; the other configs' per-block variants compile but
+    are not GPU-tested, so they refuse per-block scales."""
+    sk = kv.k8.shape[1]
+    n = kv.k_scale.shape[-1]
+    per_block = n == (sk + BLOCK_N - 1) // BLOCK_N and (n != sk or CONFIGS[config].get("KBLOCK", False))
+    if CONFIGS[config].get("KBLOCK", False) and not per_block:
+        raise ValueError(f"attention_gluon config {config!r} needs per-block K scales [B, H, cdiv(Sk, {BLOCK_N})], "
+                         f"got {tuple(kv.k_scale.shape)}: convert with requantize_k_per_block(kv.k8, kv.k_scale) "
+                         f"or use config 'plain_s2'")
+    if per_block and not CONFIGS[config].get("KBLOCK", False) and config != "plain_s2":
+        raise ValueError(f"attention_gluon config {config!r} takes per-key K scales [B, H, Sk] only; with per-block "
+                         f"scales use config 'plain_s2_kblock' or 'plain_s2_kblock_3cta'")
+    return per_block
 
 
 def attention_gluon(q8, q_scale, kv, out: torch.Tensor | None = None, return_lse: bool = False,
                     lse: torch.Tensor | None = None, config: str = DEFAULT_CONFIG):
     """Quantized attention on prepared inputs (same contract as attention_quant_prepared):
-    q8 int8 [B, Sq, H, 128], q_scale fp32 [B, H, Sq] (log2 units), kv a QuantKV.  Returns out bf16
+    q8 int8 [B, Sq, H, 128], q_scale fp32 [B, H, Sq] (log2 units), kv a QuantKV whose k_scale is either
+    [B, H, Sk] (per key, as quantize_kv makes it) or [B, H, cdiv(Sk, 128)] (one scale per 128-key block,
+    requantize_k_per_block; detected by shape: plain_s2 then runs as plain_s2_kblock; configs
+    plain_s2_kblock / plain_s2_kblock_3cta need them).  Returns out bf16
     [B, Sq, H, 128] or (out, lse fp32 [B, H, Sq] natural log)."""
+    if config not in CONFIGS:
+        raise ValueError(f"attention_gluon: unknown config {config!r}; choose one of {sorted(CONFIGS)}")
     _check(q8, q_scale, kv)
     cfg = CONFIGS[config]
+    kblock = _kblock(kv, config)
     b, sq, h, d = q8.shape
     sk = kv.k8.shape[1]
     if out is None:
@@ -511,5 +598,53 @@ def attention_gluon(q8, q_scale, kv, out: torch.Tensor | None = None, return_lse
                           km if return_lse else kv.v_scale, out, lse if return_lse else q_scale, h, sq, sk,
                           HAS_LSE=return_lse, BN=bn, STAGES=cfg["STAGES"], NUM_CONSUMERS=cfg["NUM_CONSUMERS"],
                           WS=cfg["WS"], FOLD=cfg["FOLD"], PINGPONG=cfg["PINGPONG"], EXP=cfg.get("EXP", 0),
-                          num_warps=NUM_WARPS, **extra)
+                          KBLOCK=kblock, num_warps=NUM_WARPS, **extra)
     return (out, lse) if return_lse else out
+
+
+def requantize_k_per_block(k8: torch.Tensor, k_scale: torch.Tensor, block: int = BLOCK_N):
+    """Per-key int8 keys -> per-key-block int8 keys (torch; any device).
+    k8 int8 [B, Sk, H, D] with k_scale fp32 [B, H, Sk] (quantize_kv's K, already smoothed) ->
+    (k8_block int8 [B, Sk, H, D], k_scale_block fp32 [B, H, cdiv(Sk, block)]): dequantize x = k8 * ks, then per
+    (batch, head, block of `block` keys) scale = max(amax|x|, 1e-12) / 127 and k8_block = clamp(round half away
+    from zero(x / scale), +-127).  |k8_block * scale - x| <= scale / 2 per element.  The attention kernels need
+    block = BLOCK_N (128)."""
+    if k8.dtype != torch.int8 or k8.dim() != 4:
+        raise ValueError(f"requantize_k_per_block: k8 must be int8 [B, Sk, H, D], got {k8.dtype} {tuple(k8.shape)}")
+    b, sk, h, d = k8.shape
+    if tuple(k_scale.shape) != (b, h, sk):
+        raise ValueError(f"requantize_k_per_block: k_scale must be the per-key scale [B, H, Sk] = {(b, h, sk)}, "
+                         f"got {tuple(k_scale.shape)}")
+    if block < 1:
+        raise ValueError("requantize_k_per_block: block must be >= 1")
+    x = k8.float() * k_scale.float().transpose(1, 2)[..., None]          # [B, Sk, H, D]
+    return _quantize_k_blocks(x, block)
+
+
+def _quantize_k_blocks(x: torch.Tensor, block: int):
+    """fp32 keys [B, Sk, H, D] -> (int8 [B, Sk, H, D], scale fp32 [B, H, cdiv(Sk, block)]), one scale per block."""
+    b, sk, h, d = x.shape
+    nblk = (sk + block - 1) // block
+    pad = nblk * block - sk
+    xp = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad)) if pad else x
+    amax = xp.abs().view(b, nblk, block, h, d).amax(dim=(2, 4))          # [B, nblk, H]
+    scale = amax.clamp_min(1e-12) / 127.0
+    sc_tok = scale.repeat_interleave(block, dim=1)[:, :sk]               # [B, Sk, H]
+    y = x / sc_tok[..., None]
+    y = torch.sign(y) * torch.floor(y.abs() + 0.5)                        # round half away from zero
+    q = y.clamp(-127.0, 127.0).to(torch.int8)
+    return q.contiguous(), scale.transpose(1, 2).contiguous()
+
+
+def quantize_k_per_block(k: torch.Tensor, km: torch.Tensor | None = None, block: int = BLOCK_N):
+    """bf16 keys [B, Sk, H, D] (minus km [B, H, D] if given, quantize_kv's smoothing) -> per-block int8 keys and
+    scales [B, H, cdiv(Sk, block)] in one rounding (what a per-block producer would emit; torch reference)."""
+    x = k.float()
+    if km is not None:
+        x = x - km.float()[:, None]
+    return _quantize_k_blocks(x, block)
+
+
+def per_key_scales(k_scale_block: torch.Tensor, sk: int, block: int = BLOCK_N) -> torch.Tensor:
+    """Per-block scales [B, H, nblk] -> the same scales repeated per key [B, H, Sk] (for per-key kernels)."""
+    return k_scale_block.repeat_interleave(block, dim=-1)[..., :sk].contiguous()
