@@ -4,6 +4,7 @@
 #   bash bench/run_gpu_session2.sh e2e       # end-to-end FPS (+ profile), variants, accuracy vs the reference path
 #   bash bench/run_gpu_session2.sh e2e2      # the same after the fused RMSNorm, + VAE decode
 #   bash bench/run_gpu_session2.sh final     # defaults at the end of the session (auto attention kernel, SDPA cross)
+#   bash bench/run_gpu_session2.sh kblock    # auto = Gluon with per-128-key-block K scales
 source bench/devenv.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 LOG="$OUT/log_$1.txt"
@@ -32,6 +33,8 @@ if [ "$1" = kernels ]; then
   timeout 50 python3 -m liveact.bench.kernels_gemm --sweep producer 2>&1 | grep -v "^kernel" | cut -c1-110 | tee -a "$LOG"
 fi
 if [ "$1" = final ]; then
+  L "gpu tests: attention ops (cross-attention = reference SDPA, Gluon self-attention)"
+  timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_attention_ops.py 2>&1 | tail -3 | tee -a "$LOG"
   L "final: --ops triton (auto = Gluon self-attention, SDPA cross-attention, fused RMSNorm), precise / fast-accum"
   $B --chunks 8 --warmup 3 --json "$OUT/fps_final.json" --profile "$OUT/profile_final.txt" 2>&1 | grep -E "$S" | tee -a "$LOG"
   $B --chunks 8 --warmup 3 --fast-accum --json "$OUT/fps_final_fast.json" 2>&1 | grep -E "$S" | tee -a "$LOG"
@@ -41,6 +44,18 @@ if [ "$1" = final ]; then
     --json "$OUT/accuracy_final.json" 2>&1 | tail -4 | tee -a "$LOG"
   python3 -m liveact.bench.accuracy --preset liveact-18b --size 416*720 --chunks 3 --ops triton --fp8-kv-cache \
     --fast-accum --json "$OUT/accuracy_final_fast.json" 2>&1 | tail -4 | tee -a "$LOG"
+fi
+if [ "$1" = kblock ]; then
+  L "gpu tests: requantize_k_blocks, attention ops (gluon / gluon-kblock), gluon kblock configs"
+  timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_attention.py tests/test_attention_ops.py \
+    tests/test_attention_gluon.py -k "requantize or gluon or cross or kblock" 2>&1 | tail -3 | tee -a "$LOG"
+  L "defaults with --attention-kernel auto = gluon-kblock: precise / fast-accum / fast-accum + VAE"
+  $B --chunks 7 --warmup 3 --json "$OUT/fps_kblock.json" 2>&1 | grep -E "$S" | tee -a "$LOG"
+  $B --chunks 7 --warmup 3 --fast-accum --json "$OUT/fps_kblock_fast.json" 2>&1 | grep -E "$S" | tee -a "$LOG"
+  $B --chunks 7 --warmup 3 --fast-accum --vae --json "$OUT/fps_kblock_fast_vae.json" 2>&1 | grep -E "$S" | tee -a "$LOG"
+  L "accuracy after 3 chunks vs the reference path (auto = gluon-kblock, fast-accum)"
+  python3 -m liveact.bench.accuracy --preset liveact-18b --size 416*720 --chunks 3 --ops triton --fp8-kv-cache \
+    --fast-accum --json "$OUT/accuracy_kblock_fast.json" 2>&1 | tail -4 | tee -a "$LOG"
 fi
 if [ "$1" = e2e2 ]; then
   L "triton ops + fused RMSNorm: default / gluon + fast-accum, FP8 KV cache, CUDA graphs"

@@ -328,6 +328,25 @@ def _quant_v_kernel(X1, XS1, X2, VT, VS, AMAX, S1, Sk, SkP, H, sx1_b, sx1_s, sxs
                  mask=offs_t[None, :] < SkP)
 
 
+@triton.jit
+def _requant_k_block_kernel(K8, KS, OUT, OS, Sk, H, NB, sk_b, sk_s, so_b, so_s,
+                            D: tl.constexpr, BT: tl.constexpr):
+    """One (key block of BT keys, head, batch): x = k8 * ks (per key) -> one scale per block
+    s = max(amax|x|, 1e-12) / 127, k8' = clamp(round_half_away(x / s), +-127).  Keys past Sk are 0."""
+    blk, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t = blk * BT + tl.arange(0, BT)
+    mask = t < Sk
+    d = tl.arange(0, D)
+    k = tl.load(K8 + b * sk_b + t[:, None] * sk_s + h * D + d[None, :], mask=mask[:, None], other=0)
+    ks = tl.load(KS + (b * H + h) * Sk + t, mask=mask, other=0.0)
+    x = k.to(tl.float32) * ks[:, None]
+    sc = tl.math.div_rn(tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0), 1e-12), 127.0)
+    y = round_half_away(tl.math.div_rn(x, tl.zeros_like(x) + sc))
+    y = tl.minimum(tl.maximum(y, -127.0), 127.0)
+    tl.store(OUT + b * so_b + t[:, None] * so_s + h * D + d[None, :], y.to(tl.int8), mask=mask[:, None])
+    tl.store(OS + (b * H + h) * NB + blk, sc)
+
+
 # ----------------------------------------------------------------------------------- host API
 def _check_qkv(q, k, v):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
@@ -416,6 +435,30 @@ def quantize_v(sources, bt: int | None = None, num_warps: int = 4):
     _quant_v_kernel[(h, triton.cdiv(sk, bt), b)](*args, PHASE=0, **flags)
     _quant_v_kernel[(h, triton.cdiv(skp, bt), b)](*args, PHASE=1, **flags)
     return vt, vs
+
+
+def requantize_k_blocks(k8: torch.Tensor, k_scale: torch.Tensor, block: int = 128, out=None, out_scale=None):
+    """Per-key int8 keys -> one scale per (batch, head, block of `block` keys): the input of the Gluon
+    kernel's fastest config (kernels/attention_gluon.py plain_s2_kblock*, one FFMA less per score).
+    k8 int8 [B, Sk, H, D] (heads and head_dim contiguous), k_scale fp32 [B, H, Sk] ->
+    (int8 [B, Sk, H, D], fp32 [B, H, cdiv(Sk, block)]); = attention_gluon.requantize_k_per_block (IEEE
+    divisions, round half away from zero).  One pass: reads and writes 1 B per element.  out / out_scale:
+    optional preallocated outputs (tests poison them)."""
+    if k8.dtype != torch.int8 or k8.dim() != 4 or k8.stride(-1) != 1 or k8.stride(2) != k8.shape[3]:
+        raise ValueError(f"requantize_k_blocks: k8 must be int8 [B, Sk, H, D] with heads contiguous, got "
+                         f"{k8.dtype} {tuple(k8.shape)}")
+    b, sk, h, d = k8.shape
+    if tuple(k_scale.shape) != (b, h, sk) or k_scale.dtype != torch.float32:
+        raise ValueError(f"requantize_k_blocks: k_scale must be fp32 [B, H, Sk] = {(b, h, sk)}, "
+                         f"got {k_scale.dtype} {tuple(k_scale.shape)}")
+    nb = triton.cdiv(sk, block)
+    out = torch.empty_like(k8) if out is None else out
+    osc = torch.empty((b, h, nb), dtype=torch.float32, device=k8.device) if out_scale is None else out_scale
+    if out.shape != k8.shape or out.stride() != k8.stride() or osc.shape != (b, h, nb) or not osc.is_contiguous():
+        raise ValueError("requantize_k_blocks: out must be like k8 and out_scale a contiguous [B, H, nblocks]")
+    _requant_k_block_kernel[(nb, h, b)](k8, k_scale.contiguous(), out, osc, sk, h, nb, k8.stride(0), k8.stride(1),
+                                        out.stride(0), out.stride(1), D=d, BT=block, num_warps=8)
+    return out, osc
 
 
 class QuantKV:

@@ -29,7 +29,7 @@ class TritonOps(FP8LinearOps, TritonAttentionOps):
         gemm = "fp8 W8A8" if (self.enabled and self._names and self.fp8_gemm) else "bf16 cuBLAS"
         attn = "int8/fp8" if self.quantized else "bf16"
         if self.quantized:
-            attn += " gluon" if self.uses_gluon() else " triton"
+            attn += " " + self.self_attention_kernel()
         return f"triton (GEMM {gemm}{', fast-accum' if self.fast_accum else ''}, attention {attn})"
 
 

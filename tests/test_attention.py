@@ -186,3 +186,29 @@ def test_quantize_v_real_shape_gpu():
     ref = (full.permute(0, 2, 3, 1) / vs[..., None]).clamp(-448, 448).to(torch.float8_e4m3fn)
     assert (vt[..., :sk].view(torch.uint8) != ref.view(torch.uint8)).float().mean().item() <= 1e-3
     assert bool((vt[..., sk:].view(torch.uint8) == 0).all())
+
+
+@pytest.mark.parametrize("sk", [300, 256])
+def test_requantize_k_blocks(sk, device):
+    """Per-key int8 keys -> per-128-key-block scales: equal to the torch reference (attention_gluon), every
+    output written (int8 poisoned with -128, which the clamp to +-127 never produces; scales with NaN)."""
+    from liveact.kernels.attention_gluon import requantize_k_per_block
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(2, sk, 3, 128, generator=g)
+    k[..., 5] += 4.0          # a DiT-like channel offset and an outlier key
+    k[0, 7] *= 20.0
+    k8, ks = A.quantize_int8(k.bfloat16().to(device))
+    nb = (sk + 127) // 128
+    out = torch.full_like(k8, -128)
+    osc = torch.full((2, 3, nb), float("nan"), device=device)
+    a8, asc = A.requantize_k_blocks(k8, ks, out=out, out_scale=osc)
+    r8, rsc = requantize_k_per_block(k8, ks)
+    assert not (a8 == -128).any() and torch.isfinite(asc).all()
+    assert torch.allclose(asc, rsc, rtol=1e-6, atol=0)
+    assert (a8 != r8).float().mean().item() <= 1e-3      # GPU: torch's scalar division may differ by 1 ulp
+    deq = a8.float() * asc.repeat_interleave(128, dim=2)[:, :, :sk].transpose(1, 2)[..., None]
+    x = k8.float() * ks.transpose(1, 2)[..., None]
+    bound = asc.repeat_interleave(128, dim=2)[:, :, :sk].transpose(1, 2)[..., None] / 2
+    assert ((deq - x).abs() <= bound * (1 + 1e-5)).all()
+    with pytest.raises(ValueError, match="k_scale must be fp32"):
+        A.requantize_k_blocks(k8, ks[:, :, :5])

@@ -21,9 +21,10 @@ def add_ops_arguments(p: argparse.ArgumentParser):
     p.add_argument("--no-fp8-attention", dest="fp8_attention", action="store_false")
     p.add_argument("--fast-accum", action="store_true",
                    help="FP8 GEMMs accumulate inside the tensor core (faster, less accurate; default: precise)")
-    p.add_argument("--attention-kernel", default="auto", choices=["auto", "triton", "gluon"],
+    p.add_argument("--attention-kernel", default="auto", choices=["auto", "triton", "gluon", "gluon-kblock"],
                    help="self-attention kernel with --ops triton: auto (default: gluon on Hopper, else triton), "
-                        "triton, or gluon (kernels/attention_gluon.py; same math)")
+                        "triton, gluon (per-key K scales), gluon-kblock (per-128-key-block K scales: kernel 1.25x "
+                        "gluon; experimental, not yet validated end to end on a GPU)")
     p.add_argument("--precision-policy", default=None, metavar="JSON",
                    help="per-layer FP8/bf16 policy written by `liveact calibrate`")
 
