@@ -381,15 +381,38 @@ def quantize_int8(x: torch.Tensor, km: torch.Tensor | None = None, factor: float
     return out, sc
 
 
-class VSource:
-    """Rows of V for `quantize_v`: x [B, S, H, D] (bf16, or e4m3 with scale [B, S, H, 1], a row
-    slice of a contiguous [B, N, H, 1] scale tensor)."""
+class RowSource:
+    """Key or value rows for `quantize_v` / `qk_prep.rope_keys`: x [B, S, H, D] (bf16, or e4m3 with scale
+    [B, S, H, 1], a row slice of a contiguous [B, N, H, 1] scale tensor)."""
 
     def __init__(self, x: torch.Tensor, scale: torch.Tensor | None = None):
         if x.stride(-1) != 1 or (scale is not None and (scale.stride(1) != x.shape[2] or scale.stride(2) != 1)):
-            raise ValueError("VSource: x must be contiguous in head_dim and scale a row slice of a contiguous "
-                             "[B, N, H, 1] tensor")
+            raise ValueError(f"{type(self).__name__}: x must be contiguous in head_dim and scale a row slice of a "
+                             "contiguous [B, N, H, 1] tensor")
         self.x, self.scale = x, scale
+
+
+class VSource(RowSource):
+    """Rows of V for `quantize_v`."""
+
+
+def two_sources(sources, name: str):
+    """The row set of one call, concatenated from (at most two) RowSources along the key axis ->
+    (x1, xs1, x2, s1, sk): rows [0, s1) come from x1 (with e4m3 scale rows xs1, or None), rows [s1, sk)
+    from the bf16 x2 (x2 = x1 when there is a single source; an empty first source is dropped)."""
+    if not 1 <= len(sources) <= 2 or (len(sources) == 2 and sources[1].scale is not None):
+        raise ValueError(f"{name} takes one or two sources; only the first may be e4m3 with scales")
+    x1, xs1 = sources[0].x, sources[0].scale
+    b, _, h, d = x1.shape
+    for src in sources:
+        if src.x.shape[0] != b or src.x.shape[2:] != x1.shape[2:] or src.x.stride(2) != d:
+            raise ValueError(f"{name}: sources must be [B, S, H, D] with the same B, H, D, heads contiguous")
+    sk = sum(src.x.shape[1] for src in sources)
+    s1 = x1.shape[1]
+    x2 = sources[1].x if len(sources) == 2 else x1
+    if s1 == 0 and len(sources) == 2:                 # no rows in the first source: x2 alone
+        x1, xs1, x2, s1 = x2, None, x2, sk
+    return x1, xs1, x2, s1, sk
 
 
 def quantize_v(sources, bt: int | None = None, num_warps: int = 4):
@@ -408,22 +431,11 @@ def quantize_v(sources, bt: int | None = None, num_warps: int = 4):
     <= 1 ulp, 3.5e-4 of the e4m3 codes by one step)."""
     if isinstance(sources, torch.Tensor):
         sources = [VSource(sources)]
-    if not 1 <= len(sources) <= 2 or (len(sources) == 2 and sources[1].scale is not None):
-        raise ValueError("quantize_v takes one or two VSources; only the first may be e4m3 with scales")
-    x0 = sources[0].x
-    b, _, h, d = x0.shape
-    for src in sources:
-        if src.x.shape[0] != b or src.x.shape[2:] != x0.shape[2:] or src.x.stride(2) != d:
-            raise ValueError("quantize_v: sources must be [B, S, H, D] with the same B, H, D, heads contiguous")
-    sk = sum(s.x.shape[1] for s in sources)
+    x1, xs1, x2, s1, sk = two_sources(sources, "quantize_v")
+    b, _, h, d = x1.shape
     if bt is None:
         bt = 64
-    dev = x0.device
-    x1, xs1 = sources[0].x, sources[0].scale
-    s1 = x1.shape[1]
-    x2 = sources[1].x if len(sources) == 2 else x1
-    if s1 == 0 and len(sources) == 2:                 # no cache rows: x2 alone
-        x1, xs1, x2, s1 = x2, None, x2, sk
+    dev = x1.device
     skp = _pad16(sk)
     amax = torch.zeros((b, h, d), dtype=torch.float32, device=dev)
     vs = torch.empty((b, h, d), dtype=torch.float32, device=dev)

@@ -55,7 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import INTERPRET, LOG2E, round_half_away, to_bf16, to_e4m3
+from .attention import INTERPRET, LOG2E, RowSource, round_half_away, to_bf16, to_e4m3, two_sources
 
 
 @triton.jit
@@ -276,14 +276,8 @@ def qk_prep(q, k, v, w_q, w_k, eps: float, cos: torch.Tensor, sin: torch.Tensor,
     return qo, qos
 
 
-class KSource:
-    """Key rows for `rope_keys`: x [B, S, H, D] bf16, or e4m3 with scale rows [B, S, H, 1]."""
-
-    def __init__(self, x: torch.Tensor, scale: torch.Tensor | None = None):
-        if x.stride(-1) != 1 or (scale is not None and (scale.stride(1) != x.shape[2] or scale.stride(2) != 1)):
-            raise ValueError("KSource: x must be contiguous in head_dim and scale a row slice of a contiguous "
-                             "[B, N, H, 1] tensor")
-        self.x, self.scale = x, scale
+class KSource(RowSource):
+    """Key rows for `rope_keys` (kernels.attention.RowSource)."""
 
 
 KM_STRIDE = 8   # K smoothing vector from every 8th block of keys (any km is exact, KERNELS.md 2.3)
@@ -308,30 +302,19 @@ def rope_keys(sources, cos, sin, quantize: bool = True, km_stride: int = KM_STRI
     [B, H, Sk], km [B, H, D]) or return the rotated bf16 keys (tensor [B, Sk, H, D], None, None).
     km = mean of the rotated keys over every km_stride-th key row (km_sample_rows; km_stride=1: all keys); K smoothing is exact for any km, and the attention kernel's LSE uses this km.
     Only the first source may be e4m3 (with scales)."""
-    if not 1 <= len(sources) <= 2 or (len(sources) == 2 and sources[1].scale is not None):
-        raise ValueError("rope_keys takes one or two KSources; only the first may be e4m3 with scales")
-    x0 = sources[0].x
-    b, _, h, d = x0.shape
-    for src in sources:
-        if src.x.shape[0] != b or src.x.shape[2:] != x0.shape[2:] or src.x.stride(2) != d:
-            raise ValueError("rope_keys: sources must be [B, S, H, D] with the same B, H, D, heads contiguous")
-    sk = sum(s.x.shape[1] for s in sources)
+    x1, xs1, x2, s1, sk = two_sources(sources, "rope_keys")
+    b, _, h, d = x1.shape
     if sk > cos.shape[0]:
         raise ValueError(f"RoPE table has {cos.shape[0]} positions, the key set has {sk}")
-    tb, hg, gl, nw = config if config is not None else rope_keys_config(x0.is_cuda, h)
+    tb, hg, gl, nw = config if config is not None else rope_keys_config(x1.is_cuda, h)
     ngp = triton.cdiv(h, hg * gl)
-    dev = x0.device
+    dev = x1.device
     if quantize:
         out = torch.empty((b, sk, h, d), dtype=torch.int8, device=dev)
         osc = torch.empty((b, h, sk), dtype=torch.float32, device=dev)
     else:
         out = torch.empty((b, sk, h, d), dtype=torch.bfloat16, device=dev)
         osc = out
-    s1 = sources[0].x.shape[1]
-    x1, xs1 = sources[0].x, sources[0].scale
-    x2 = sources[1].x if len(sources) == 2 else x1
-    if s1 == 0 and len(sources) == 2:                 # all keys fresh: x2 alone
-        x1, xs1, x2, s1 = x2, None, x2, sk
     args = dict(sx1_b=x1.stride(0), sx1_s=x1.stride(1), sxs1_b=xs1.stride(0) if xs1 is not None else 0,
                 sx2_b=x2.stride(0), sx2_s=x2.stride(1), so_b=out.stride(0), so_s=out.stride(1))
     flags = dict(HAS_XS=xs1 is not None, HAS_X2=s1 < sk, QUANT=quantize, EMU=INTERPRET, TB=tb, HG=hg, GL=gl,
@@ -341,7 +324,7 @@ def rope_keys(sources, cos, sin, quantize: bool = True, km_stride: int = KM_STRI
     if quantize:
         # phase 0: one [TB0, HG, D] tile of sampled rows per program, partial sums -> part, km = part.sum(0)
         n_samp = triton.cdiv(sk, km_stride)                          # sampled rows 0, s, 2s, ...
-        tb0 = min(16, max(tb, triton.next_power_of_2(triton.cdiv(n_samp, 256)))) if x0.is_cuda else 16
+        tb0 = min(16, max(tb, triton.next_power_of_2(triton.cdiv(n_samp, 256)))) if x1.is_cuda else 16
         n_prog = triton.cdiv(n_samp, tb0)
         part = torch.empty((n_prog, b, h, d), dtype=torch.float32, device=dev)
         _rope_keys_kernel[(n_prog, ngp, b)](x1, xs1, x2, cos, sin, out, out, osc, part, s1, sk, h, km_stride,
