@@ -147,6 +147,15 @@ class CLIPVisual(nn.Module):
 # ---------------------------------------------------------------------------------------------------------
 # checkpoint I/O
 
+def _materialize(model: nn.Module, sd: dict, device, dtype, prefix: str = "") -> nn.Module:
+    """A meta-device model (keys already checked against sd) -> on `device` in `dtype`, filled from sd[prefix + key]."""
+    model = model.to(dtype).to_empty(device=device)
+    with torch.no_grad():
+        for k, p in model.state_dict().items():
+            p.copy_(sd[prefix + k])
+    return model.eval()
+
+
 def _torch_load(path: Path) -> dict:
     if not path.exists():
         raise EncoderLoadError(f"{path}: not found. Point --ckpt-dir at the LiveAct checkpoint directory (it holds "
@@ -211,11 +220,7 @@ def load_clip(ckpt_dir_or_file, device="cpu", dtype=torch.bfloat16, num_heads: i
         raise EncoderLoadError("\n".join([f"{path}: the CLIP visual tower does not match the ViT layout inferred "
                                            f"from its shapes (width {cfg['width']}, {cfg['num_layers']} blocks):", *lines,
                                            f"  Fix: use the published {CLIP_FILE} (or one written by write_random_clip)."]))
-    model = model.to(dtype).to_empty(device=device)
-    with torch.no_grad():
-        for k, p in model.state_dict().items():
-            p.copy_(sd[f"visual.{k}"])
-    return model.eval()
+    return _materialize(model, sd, device, dtype, prefix="visual.")
 
 
 def _rand(shape, gen, kind):

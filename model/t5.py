@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from .checkpoint import key_mismatch_lines
 
-from .clip import EncoderLoadError, _torch_load
+from .clip import EncoderLoadError, _materialize, _torch_load
 
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 TOKENIZER_DIR = "google/umt5-xxl"
@@ -236,11 +236,7 @@ def load_t5(ckpt_dir_or_file, device="cpu", dtype=torch.bfloat16) -> T5Encoder:
         raise EncoderLoadError("\n".join([f"{path}: the T5 weights do not match the umT5 layout inferred from "
                                            f"their shapes {cfg}:", *lines,
                                            f"  Fix: use the published {T5_FILE} (or one written by write_random_t5)."]))
-    model = model.to(dtype).to_empty(device=device)
-    with torch.no_grad():
-        for k, p in model.state_dict().items():
-            p.copy_(sd[k])
-    return model.eval()
+    return _materialize(model, sd, device, dtype)
 
 
 def load_text_encoder(ckpt_dir, device="cpu", dtype=torch.bfloat16, text_len=TEXT_LEN) -> TextEncoder:
