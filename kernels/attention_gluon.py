@@ -469,29 +469,20 @@ if _GLUON_OK:
         WG1: gl.constexpr = 1
         NO_SELF_LOAD: gl.constexpr = False
         # (argument tuples written inline: a tuple assigned to a variable loses its constexpr entries)
-        if WS:
-            if NUM_CONSUMERS == 2:
-                gl.warp_specialize([
-                    (_consumer, (WG0, q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty,
-                                 v_empty, QS, KS, VS, KM, O, LSE, b, h, bh, H, Sq, Sk, pid_m,
-                                 HAS_LSE, BM_WG, BN, D, STAGES, NUM_CONSUMERS, NO_SELF_LOAD, FOLD, PINGPONG, turn,
-                                 EXP, KBLOCK)),
-                    (_consumer, (WG1, q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty,
-                                 v_empty, QS, KS, VS, KM, O, LSE, b, h, bh, H, Sq, Sk, pid_m,
-                                 HAS_LSE, BM_WG, BN, D, STAGES, NUM_CONSUMERS, NO_SELF_LOAD, FOLD, PINGPONG, turn,
-                                 EXP, KBLOCK)),
-                    (_producer, (k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, b, h, bh, Sk,
-                                 BN, D, STAGES)),
-                ], [4, 1], [240, 24])
-            else:
-                gl.warp_specialize([
-                    (_consumer, (WG0, q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty,
-                                 v_empty, QS, KS, VS, KM, O, LSE, b, h, bh, H, Sq, Sk, pid_m,
-                                 HAS_LSE, BM_WG, BN, D, STAGES, NUM_CONSUMERS, NO_SELF_LOAD, FOLD, PINGPONG, turn,
-                                 EXP, KBLOCK)),
-                    (_producer, (k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, b, h, bh, Sk,
-                                 BN, D, STAGES)),
-                ], [1], [24])
+        if WS:   # every WS config has two consumer warpgroups (CONFIGS)
+            gl.static_assert(NUM_CONSUMERS == 2, "warp specialization runs two consumer warpgroups")
+            gl.warp_specialize([
+                (_consumer, (WG0, q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty,
+                             v_empty, QS, KS, VS, KM, O, LSE, b, h, bh, H, Sq, Sk, pid_m,
+                             HAS_LSE, BM_WG, BN, D, STAGES, NUM_CONSUMERS, NO_SELF_LOAD, FOLD, PINGPONG, turn,
+                             EXP, KBLOCK)),
+                (_consumer, (WG1, q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty,
+                             v_empty, QS, KS, VS, KM, O, LSE, b, h, bh, H, Sq, Sk, pid_m,
+                             HAS_LSE, BM_WG, BN, D, STAGES, NUM_CONSUMERS, NO_SELF_LOAD, FOLD, PINGPONG, turn,
+                             EXP, KBLOCK)),
+                (_producer, (k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, b, h, bh, Sk,
+                             BN, D, STAGES)),
+            ], [4, 1], [240, 24])
         else:
             _consumer(0, q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty, v_empty,
                       QS, KS, VS, KM, O, LSE, b, h, bh, H, Sq, Sk, pid_m,
