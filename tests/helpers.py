@@ -1,4 +1,5 @@
-"""Shared test helpers: a tiny random model, random conditioning, a poisoned-output check."""
+"""Shared test helpers: a tiny random model, random conditioning, DiT-like attention inputs, error metrics,
+a poisoned-output check."""
 import torch
 
 from liveact.model import VideoGeometry, get_preset
@@ -23,6 +24,22 @@ def conditioning(model, geo: VideoGeometry, seed=0):
 def audio_window(cfg, n, seed=0):
     g = torch.Generator().manual_seed(1000 + 17 * n + seed)
     return torch.randn(1, 53, cfg.audio_window, cfg.audio_layers, cfg.audio_channels, generator=g)
+
+
+def dit_like(b, sq, sk, h, device, seed=0, offset=2.0, outlier=8.0):
+    """Attention inputs q, k, v [B, S, H, 128] (bf16) whose keys carry per-channel offsets and outlier
+    channels like a real DiT's."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    q = torch.randn(b, sq, h, 128, generator=g)
+    k = torch.randn(b, sk, h, 128, generator=g) + offset * torch.randn(h, 128, generator=g)
+    k[..., :4] += outlier * torch.randn(h, 4, generator=g)
+    v = torch.randn(b, sk, h, 128, generator=g)
+    return [t.bfloat16().to(device) for t in (q, k, v)]
+
+
+def cos(a, b):
+    """Cosine similarity of two tensors, flattened, in float64."""
+    return torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
 
 
 def rel_err(a, b):

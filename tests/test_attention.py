@@ -9,14 +9,7 @@ import torch
 from liveact.kernels import attention as A
 from liveact.model.ops import ReferenceOps
 
-
-def dit_like(b, sq, sk, h, device, seed=0, offset=2.0, outlier=8.0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    q = torch.randn(b, sq, h, 128, generator=g)
-    k = torch.randn(b, sk, h, 128, generator=g) + offset * torch.randn(h, 128, generator=g)
-    k[..., :4] += outlier * torch.randn(h, 4, generator=g)
-    v = torch.randn(b, sk, h, 128, generator=g)
-    return [t.bfloat16().to(device) for t in (q, k, v)]
+from helpers import dit_like
 
 
 def ref64(q, k, v):

@@ -10,26 +10,15 @@ import torch
 from liveact.kernels import attention as A
 from liveact.kernels import attention_gluon as G
 
+from helpers import cos, dit_like
+
 DEV = "cuda"
-
-
-def dit_like(b, sq, sk, h, device, seed=0, offset=2.0, outlier=8.0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    q = torch.randn(b, sq, h, 128, generator=g)
-    k = torch.randn(b, sk, h, 128, generator=g) + offset * torch.randn(h, 128, generator=g)
-    k[..., :4] += outlier * torch.randn(h, 4, generator=g)
-    v = torch.randn(b, sk, h, 128, generator=g)
-    return [t.bfloat16().to(device) for t in (q, k, v)]
 
 
 def ref32(q, k, v):
     """fp32 softmax(q k^T / sqrt(D)) v and natural-log LSE, [B, Sq, H, D] / [B, H, Sq]."""
     s = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) / math.sqrt(q.shape[-1])
     return torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v.float()), torch.logsumexp(s, -1)
-
-
-def cos(o, r):
-    return torch.nn.functional.cosine_similarity(o.double().flatten(), r.double().flatten(), dim=0).item()
 
 
 def test_unavailable_without_cuda_raises_clearly():

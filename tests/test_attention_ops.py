@@ -11,9 +11,7 @@ from liveact.model.dit import ChunkLayout
 from liveact.model.ops import ReferenceOps
 from liveact.model.rope import Rope3D
 
-
-def cos(a, b):
-    return torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
+from helpers import cos
 
 
 def rnd(*shape, seed, device, offset=0.0):
