@@ -186,11 +186,9 @@ def _attn_loop(q, qs, k_base, sk_s, ks_base, v_base, sv_s, sv_d, Sk, offs_n, off
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, QS, KS, VS, KM, O, LSE,
-              sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_h, sv_s, sv_d, so_b, so_s, so_h,
-              H, Sq, Sk, qk_scale,
-              QUANT: tl.constexpr, HAS_LSE: tl.constexpr, HAS_KM: tl.constexpr, ACCUM: tl.constexpr,
-              LAZY: tl.constexpr, EMU: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+def _q_tile(Q, QS, sq_b, sq_s, sq_h, H, Sq, qk_scale, QUANT: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
+            BN: tl.constexpr):
+    """This program's (batch, head) and BM query rows: indices, the q tile and its per-row scale."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -204,6 +202,17 @@ def _attn_fwd(Q, K, V, QS, KS, VS, KM, O, LSE,
         qs = tl.load(QS + pid_bh * Sq + offs_m, mask=m_mask, other=1.0)
     else:
         qs = qk_scale
+    return pid_bh, b, h, offs_m, offs_n, offs_d, m_mask, q, qs
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, QS, KS, VS, KM, O, LSE,
+              sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_h, sv_s, sv_d, so_b, so_s, so_h,
+              H, Sq, Sk, qk_scale,
+              QUANT: tl.constexpr, HAS_LSE: tl.constexpr, HAS_KM: tl.constexpr, ACCUM: tl.constexpr,
+              LAZY: tl.constexpr, EMU: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    pid_bh, b, h, offs_m, offs_n, offs_d, m_mask, q, qs = _q_tile(Q, QS, sq_b, sq_s, sq_h, H, Sq, qk_scale,
+                                                                  QUANT, D, BM, BN)
     k_base = K + b * sk_b + h * sk_h
     v_base = V + b * sv_b + h * sv_h
     ks_base = KS + pid_bh * Sk
@@ -239,19 +248,8 @@ def _attn2_fwd(Q, QS, O, K1, V1, KS1, VS1, K2, V2, KS2, VS2,
                QUANT: tl.constexpr, EMU: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     """Cross-attention: two separate softmaxes of the same q tile (text keys, image keys), summed in
     the epilogue as bf16(o1) + bf16(o2) -> bf16 like the reference; q is loaded and out stored once."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = tl.arange(0, BN)
-    offs_d = tl.arange(0, D)
-    m_mask = offs_m < Sq
-    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_s + offs_d[None, :], mask=m_mask[:, None], other=0)
-    if QUANT:
-        qs = tl.load(QS + pid_bh * Sq + offs_m, mask=m_mask, other=1.0)
-    else:
-        qs = qk_scale
+    pid_bh, b, h, offs_m, offs_n, offs_d, m_mask, q, qs = _q_tile(Q, QS, sq_b, sq_s, sq_h, H, Sq, qk_scale,
+                                                                  QUANT, D, BM, BN)
     acc, m_i, l_i = _attn_loop(q, qs, K1 + b * sk1_b + h * sk1_h, sk1_s, KS1 + pid_bh * Sk1,
                                V1 + b * sv1_b + h * sv1_h, sv1_s, sv1_d, Sk1, offs_n, offs_d,
                                QUANT, EMU, False, BM, D, BN)
