@@ -14,9 +14,9 @@ alloc_kv / kv_write / kv_read are inherited unchanged.
 quantized=True: INT8 Q.K + FP8 P.V (needs sm_89+; falls back to bf16 on older GPUs); False: bf16.
 attention_kernel: the self-attention kernel: "triton"; "gluon" (kernels/attention_gluon.py, same inputs, per-key
 K scales, 1.03-1.07x the Triton kernel on the H100); "gluon-kblock" (the keys requantized to one scale per
-128-key block by one extra pass, then the Gluon kernel's 3-CTA per-block config: 1.25x "gluon", attention
-cos 0.99924 vs 0.99928 against fp32; opt-in: the requantize pass and this path end to end have not run on a
-GPU yet, only the kernel on requantized keys); "auto" (default) = "gluon" where Gluon runs (sm90), else "triton".
+128-key block by one extra pass, then the Gluon kernel's 3-CTA per-block config: self-attention 206 -> 158 +
+7.6 ms per step at 416x720, attention cos 0.99924 vs 0.99928 against fp32, latent cos after 3 chunks
+unchanged); "auto" (default) = "gluon-kblock" where Gluon runs (sm90), else "triton".
 Cross-attention on a GPU runs the reference SDPA (flash) path: at 9360 x (512 + 257) keys it measured
 0.425 ms against 0.517 ms for our quantized kernel with its q quantization (bench/NOTES.md); the Triton
 cross-attention kernels serve the CPU / forced path.
@@ -76,7 +76,7 @@ class TritonAttentionOps(ReferenceOps):
         from . import attention_gluon as G
         if not G.available():
             return "triton"
-        return "gluon" if self.attention_kernel == "auto" else self.attention_kernel
+        return "gluon-kblock" if self.attention_kernel == "auto" else self.attention_kernel
 
     def _cos_sin(self, rope: Rope3D, device):
         key = (id(rope), str(device))

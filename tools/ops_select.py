@@ -22,9 +22,9 @@ def add_ops_arguments(p: argparse.ArgumentParser):
     p.add_argument("--fast-accum", action="store_true",
                    help="FP8 GEMMs accumulate inside the tensor core (faster, less accurate; default: precise)")
     p.add_argument("--attention-kernel", default="auto", choices=["auto", "triton", "gluon", "gluon-kblock"],
-                   help="self-attention kernel with --ops triton: auto (default: gluon on Hopper, else triton), "
-                        "triton, gluon (per-key K scales), gluon-kblock (per-128-key-block K scales: kernel 1.25x "
-                        "gluon; experimental, not yet validated end to end on a GPU)")
+                   help="self-attention kernel with --ops triton: auto (default: gluon-kblock on Hopper, else "
+                        "triton), triton, gluon (per-key K scales), gluon-kblock (per-128-key-block K scales, "
+                        "1.25x gluon)")
     p.add_argument("--precision-policy", default=None, metavar="JSON",
                    help="per-layer FP8/bf16 policy written by `liveact calibrate`")
 

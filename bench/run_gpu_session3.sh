@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Device calls of the 2026-11-25 session.  Usage (device tool):
+#   bash bench/run_gpu_session3.sh kblock1   # GPU tests of the kblock path; FPS gluon-kblock vs gluon (precise), kblock fast
+#   bash bench/run_gpu_session3.sh kblock2   # kblock fast + VAE; accuracy after 3 chunks (precise, fast)
+source bench/devenv.sh
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+LOG="$OUT/log_$1.txt"
+L() { echo "== $* ($(date +%T))" | tee -a "$LOG"; }
+nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw --format=csv,noheader | tee -a "$LOG"
+C="python3 -m liveact.tools.cli"
+B="$C bench fps --preset liveact-18b --size 416*720 --no-progress --ops triton --fp8-kv-cache"
+A="python3 -m liveact.bench.accuracy --preset liveact-18b --size 416*720 --chunks 3 --ops triton --fp8-kv-cache"
+S="steady_fps|ms_per_step_steady|time_to_first_chunk|peak_mem|ops |sm_clock|ms_vae_steady"
+if [ "$1" = kblock1 ]; then
+  L "gpu tests: requantize_k_blocks, attention ops (gluon / gluon-kblock), gluon kblock configs"
+  timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_attention.py tests/test_attention_ops.py \
+    tests/test_attention_gluon.py -k "requantize or gluon or cross or kblock" 2>&1 | tail -4 | tee -a "$LOG"
+  L "precise GEMMs: --attention-kernel gluon-kblock (+ profile), then gluon"
+  $B --chunks 7 --warmup 3 --attention-kernel gluon-kblock --json "$OUT/fps_kblock.json" \
+    --profile "$OUT/profile_kblock.txt" 2>&1 | grep -E "$S" | tee -a "$LOG"
+  $B --chunks 7 --warmup 3 --attention-kernel gluon --json "$OUT/fps_gluon.json" 2>&1 | grep -E "$S" | tee -a "$LOG"
+  L "fast accumulation: gluon-kblock"
+  $B --chunks 7 --warmup 3 --attention-kernel gluon-kblock --fast-accum --json "$OUT/fps_kblock_fast.json" 2>&1 \
+    | grep -E "$S" | tee -a "$LOG"
+fi
+if [ "$1" = kblock2 ]; then
+  L "gluon-kblock + fast accumulation + streaming VAE decode"
+  $B --chunks 7 --warmup 3 --attention-kernel gluon-kblock --fast-accum --vae --json "$OUT/fps_kblock_fast_vae.json" 2>&1 \
+    | grep -E "$S" | tee -a "$LOG"
+  L "accuracy after 3 chunks vs the reference path: gluon-kblock precise / fast-accum"
+  $A --attention-kernel gluon-kblock --json "$OUT/accuracy_kblock.json" 2>&1 | tail -3 | tee -a "$LOG"
+  $A --attention-kernel gluon-kblock --fast-accum --json "$OUT/accuracy_kblock_fast.json" 2>&1 | tail -3 | tee -a "$LOG"
+fi
