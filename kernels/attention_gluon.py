@@ -110,9 +110,17 @@ kv.k_scale is [B, H, cdiv(Sk, 128)] instead of [B, H, Sk]; the other configs ref
   vs 0.0378); cos 0.999997 vs the Triton kernel on the same per-block keys (scales repeated per key), 0.99959 vs
   plain_s2 on the per-key keys; LSE within 8e-5 of Triton's on small shapes.  DEFAULT_CONFIG stays plain_s2
   (the production keys are per key; per-block keys need a producer change).
-Next steps (not tried): a per-block K producer in qk_prep; a schedule in which the tensor cores run during the
-softmax of the same warpgroup (FA3 intra-warpgroup overlap, which spilled here at 255 registers; KBLOCK frees
-~50 registers for it).
+FA3 intra-warpgroup overlap on KBLOCK (tried 2026-11-25, code removed; bench/NOTES.md session 3): per block,
+softmax(j) while PV(j-1) runs, then QK(j+1) and PV(j) issued back to back (acc accumulated inside the tensor
+core, use_acc=True), loop unrolled by two.  Compiles without spills at 240 registers (2 CTAs per SM) and passed
+the 17 kblock GPU tests (cos 0.99999 vs Triton, cos vs fp32 0.999236 = the same as without overlap), but ran at
+771 TF/s against 830 for plain_s2_kblock_3cta in the same run: three independent warpgroups per SM hide the
+QK -> softmax -> PV chain better than two overlapped ones.  At maxnreg 168 (3 CTAs) it spills and ptxas
+serializes the wgmmas.  ptxas pitfalls met on the way (C7514/C7515, "wgmma serialized"): (a) the loop-carried
+S tile copied at the back edge into registers an in-flight wgmma still reads -- unroll by two; (b) a QK wgmma
+left in flight across the softmax of the previous tile (issue QK(j+1) before softmax(j)) -- issue it after;
+(c) register copies at the merge after an odd-count tail step -- drain (wait 0) before the branch.
+Next step (not tried): a per-block K producer in qk_prep.
 """
 from __future__ import annotations
 
