@@ -372,7 +372,8 @@ if _GLUON_OK:
                   k_ready, v_ready, k_empty, v_empty, QS, KS, VS, KM, O, LSE, b, h, bh, H, Sq, Sk, pid_m,
                   HAS_LSE: gl.constexpr, BM_WG: gl.constexpr, BN: gl.constexpr, D: gl.constexpr,
                   STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr, SELF_LOAD: gl.constexpr,
-                  FOLD: gl.constexpr, PINGPONG: gl.constexpr, turn, EXP: gl.constexpr, KBLOCK: gl.constexpr):
+                  FOLD: gl.constexpr, PINGPONG: gl.constexpr, turn, EXP: gl.constexpr, KBLOCK: gl.constexpr,
+                  ACCUM: gl.constexpr):
         S_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                       instr_shape=[16, BN, 32])
         O_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -434,6 +435,9 @@ if _GLUON_OK:
         l_o = gl.convert_layout(l_i, gl.SliceLayout(1, O_L))
         o = acc * vs[None, :] / l_o[:, None]
         optr = O + ((b * Sq + orow.to(gl.int64)) * H + h)[:, None] * D + dcol[None, :]
+        if ACCUM:   # out = previous + this, rounded like the bf16 sum of two attention outputs
+            prev = gl.load(optr, mask=(orow < Sq)[:, None], other=0.0)
+            o = o.to(gl.bfloat16).to(gl.float32) + prev.to(gl.float32)
         gl.store(optr, o.to(gl.bfloat16), mask=(orow < Sq)[:, None])
         if HAS_LSE:
             BL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
@@ -447,7 +451,7 @@ if _GLUON_OK:
     def _attn_fwd_gluon(q_desc, k_desc, v_desc, QS, KS, VS, KM, O, LSE, H, Sq, Sk,
                         HAS_LSE: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
                         NUM_CONSUMERS: gl.constexpr, WS: gl.constexpr, FOLD: gl.constexpr, PINGPONG: gl.constexpr,
-                        EXP: gl.constexpr = 0, KBLOCK: gl.constexpr = False):
+                        EXP: gl.constexpr = 0, KBLOCK: gl.constexpr = False, ACCUM: gl.constexpr = False):
         BM_WG: gl.constexpr = q_desc.block_type.shape[0]
         D: gl.constexpr = q_desc.block_type.shape[1]
         pid_m = gl.program_id(0)
@@ -483,18 +487,18 @@ if _GLUON_OK:
                 (_consumer, (WG0, q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty,
                              v_empty, QS, KS, VS, KM, O, LSE, b, h, bh, H, Sq, Sk, pid_m,
                              HAS_LSE, BM_WG, BN, D, STAGES, NUM_CONSUMERS, NO_SELF_LOAD, FOLD, PINGPONG, turn,
-                             EXP, KBLOCK)),
+                             EXP, KBLOCK, ACCUM)),
                 (_consumer, (WG1, q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty,
                              v_empty, QS, KS, VS, KM, O, LSE, b, h, bh, H, Sq, Sk, pid_m,
                              HAS_LSE, BM_WG, BN, D, STAGES, NUM_CONSUMERS, NO_SELF_LOAD, FOLD, PINGPONG, turn,
-                             EXP, KBLOCK)),
+                             EXP, KBLOCK, ACCUM)),
                 (_producer, (k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, b, h, bh, Sk,
                              BN, D, STAGES)),
             ], [4, 1], [240, 24])
         else:
             _consumer(0, q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty, v_empty,
                       QS, KS, VS, KM, O, LSE, b, h, bh, H, Sq, Sk, pid_m,
-                      HAS_LSE, BM_WG, BN, D, STAGES, 1, True, FOLD, False, turn, EXP, KBLOCK)
+                      HAS_LSE, BM_WG, BN, D, STAGES, 1, True, FOLD, False, turn, EXP, KBLOCK, ACCUM)
 
 
 # ----------------------------------------------------------------------------------- host API
@@ -566,15 +570,19 @@ def _kblock(kv, config: str) -> bool:
 
 
 def attention_gluon(q8, q_scale, kv, out: torch.Tensor | None = None, return_lse: bool = False,
-                    lse: torch.Tensor | None = None, config: str = DEFAULT_CONFIG):
+                    lse: torch.Tensor | None = None, config: str = DEFAULT_CONFIG, accumulate: bool = False):
     """Quantized attention on prepared inputs (same contract as attention_quant_prepared):
     q8 int8 [B, Sq, H, 128], q_scale fp32 [B, H, Sq] (log2 units), kv a QuantKV whose k_scale is either
     [B, H, Sk] (per key, as quantize_kv makes it) or [B, H, cdiv(Sk, 128)] (one scale per 128-key block,
     requantize_k_per_block; detected by shape: plain_s2 then runs as plain_s2_kblock; configs
     plain_s2_kblock / plain_s2_kblock_3cta need them).  Returns out bf16
-    [B, Sq, H, 128] or (out, lse fp32 [B, H, Sq] natural log)."""
+    [B, Sq, H, 128] or (out, lse fp32 [B, H, Sq] natural log).  accumulate=True adds the result to out
+    (given): out = bf16(bf16(this) + out), the sum of two attentions (cross-attention over text + image)."""
     if config not in CONFIGS:
         raise ValueError(f"attention_gluon: unknown config {config!r}; choose one of {sorted(CONFIGS)}")
+    if accumulate and (out is None or out.dtype != torch.bfloat16 or tuple(out.shape) != tuple(q8.shape)
+                       or not out.is_contiguous()):
+        raise ValueError("attention_gluon: accumulate=True needs out, a contiguous bf16 tensor shaped like q8")
     _check(q8, q_scale, kv)
     cfg = CONFIGS[config]
     kblock = _kblock(kv, config)
@@ -597,7 +605,7 @@ def attention_gluon(q8, q_scale, kv, out: torch.Tensor | None = None, return_lse
                           km if return_lse else kv.v_scale, out, lse if return_lse else q_scale, h, sq, sk,
                           HAS_LSE=return_lse, BN=bn, STAGES=cfg["STAGES"], NUM_CONSUMERS=cfg["NUM_CONSUMERS"],
                           WS=cfg["WS"], FOLD=cfg["FOLD"], PINGPONG=cfg["PINGPONG"], EXP=cfg.get("EXP", 0),
-                          KBLOCK=kblock, num_warps=NUM_WARPS, **extra)
+                          KBLOCK=kblock, ACCUM=accumulate, num_warps=NUM_WARPS, **extra)
     return (out, lse) if return_lse else out
 
 

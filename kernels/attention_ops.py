@@ -17,9 +17,11 @@ K scales, 1.03-1.07x the Triton kernel on the H100); "gluon-kblock" (the keys re
 128-key block by one extra pass, then the Gluon kernel's 3-CTA per-block config: self-attention 206 -> 158 +
 7.6 ms per step at 416x720, attention cos 0.99924 vs 0.99928 against fp32, latent cos after 3 chunks
 unchanged); "auto" (default) = "gluon-kblock" where Gluon runs (sm90), else "triton".
-Cross-attention on a GPU runs the reference SDPA (flash) path: at 9360 x (512 + 257) keys it measured
-0.425 ms against 0.517 ms for our quantized kernel with its q quantization (bench/NOTES.md); the Triton
-cross-attention kernels serve the CPU / forced path.
+Cross-attention on sm90 (self-attention kernel gluon-kblock): q quantized once, the Gluon per-block kernel
+once per context (text 512 keys, image 257), the second launch adding into the first's output: 0.420 ms vs
+0.430 for SDPA x2 at 9360 x (512 + 257) keys, cos vs fp32 0.99931 (bench/NOTES.md, session 3).  Other GPUs
+(or attention_kernel triton / gluon) run the reference SDPA (flash) path, which measured 0.425 ms against
+0.517 ms for the Triton quantized kernel; the Triton cross-attention kernels serve the CPU / forced path.
 Kernels run when the tensors are on CUDA, or everywhere with force=True (CPU: Triton interpreter);
 other dtypes / head sizes fall back to the reference methods.
 """
@@ -87,18 +89,28 @@ class TritonAttentionOps(ReferenceOps):
             self._tables[key] = ent
         return ent[1], ent[2]
 
-    def _quant_kv(self, k, v) -> A.QuantKV:
-        """Quantized K/V, memoized: cross/audio context K/V are constant per prompt / chunk."""
+    @staticmethod
+    def _quantize_kv(k, v, block: int) -> A.QuantKV:
+        kv = A.quantize_kv(k, v)
+        if block:   # one K scale per `block` keys (the Gluon per-block kernel)
+            k8, ks = A.requantize_k_blocks(kv.k8, kv.k_scale, block=block)
+            kv = A.QuantKV(k8, ks, kv.vt, kv.v_scale, kv.km)
+        return kv
+
+    def _quant_kv(self, k, v, block: int = 0) -> A.QuantKV:
+        """Quantized K/V (per key, or one K scale per `block` keys), memoized: cross/audio context K/V are
+        constant per prompt / chunk."""
         if k.is_cuda and torch.cuda.is_current_stream_capturing():
             # inside a CUDA graph the quantization must be part of the graph: the engine's static context
             # buffers are refilled in place (edit prompts), and a host-side memo would go stale on replay
-            return A.quantize_kv(k, v)
-        key = (k.data_ptr(), v.data_ptr(), k._version, v._version, tuple(k.shape), tuple(k.stride()), tuple(v.stride()))
+            return self._quantize_kv(k, v, block)
+        key = (k.data_ptr(), v.data_ptr(), k._version, v._version, tuple(k.shape), tuple(k.stride()), tuple(v.stride()),
+               block)
         ent = self._memo.get(key)
         if ent is not None:
             self._memo.move_to_end(key)
             return ent[2]
-        qkv = A.quantize_kv(k, v)
+        qkv = self._quantize_kv(k, v, block)
         self._memo[key] = (k, v, qkv)   # holding k, v keeps their memory from being reused
         while len(self._memo) > self._memo_size:
             self._memo.popitem(last=False)
@@ -116,6 +128,19 @@ class TritonAttentionOps(ReferenceOps):
         return A.attention(q, k, v, quantized=self._quantized_attention(q), return_lse=True, autotune=self.autotune)
 
     def cross_attention(self, q, kv_pairs) -> torch.Tensor:
+        if (q.is_cuda and not self.force and self._quantized_attention(q)
+                and self.self_attention_kernel(q) == "gluon-kblock" and all(
+                    q.dtype == k.dtype == v.dtype == torch.bfloat16 for k, v in kv_pairs)):
+            # sm90: the Gluon per-block kernel, q quantized once, one launch per context (text, image), the
+            # second adding into the first's output
+            from . import attention_gluon as G
+            q8, qs = A.quantize_q(q)
+            out = None
+            for k, v in kv_pairs:
+                A._check_qkv(q, k, v)
+                out = G.attention_gluon(q8, qs, self._quant_kv(k, v, block=G.BLOCK_N), out=out,
+                                        accumulate=out is not None, config="plain_s2_kblock_3cta")
+            return out
         if q.is_cuda and not self.force:   # GPU: SDPA (flash) measured faster at 769 keys: the reference math
             out = None
             for k, v in kv_pairs:

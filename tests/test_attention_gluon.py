@@ -185,6 +185,27 @@ def test_gluon_kblock_real_shape_few_heads():
 
 
 @pytest.mark.gpu
+def test_gluon_accumulate_is_the_bf16_sum():
+    """accumulate=True (cross-attention: text + image contexts) = the bf16 sum of the two outputs, exactly."""
+    if not G.available():
+        pytest.skip("needs an sm90 GPU")
+    q, k1, v1 = dit_like(1, 200, 512, 2, DEV, seed=11)
+    _, k2, v2 = dit_like(1, 200, 257, 2, DEV, seed=12)
+    q8, qs = A.quantize_q(q)
+    kvs = []
+    for k, v in ((k1, v1), (k2, v2)):
+        kv = A.quantize_kv(k, v)
+        kvs.append(A.QuantKV(*G.requantize_k_per_block(kv.k8, kv.k_scale), kv.vt, kv.v_scale, kv.km))
+    o1, o2 = (G.attention_gluon(q8, qs, kv, config="plain_s2_kblock_3cta") for kv in kvs)
+    out = torch.full_like(o1, float("nan"))
+    G.attention_gluon(q8, qs, kvs[0], out=out, config="plain_s2_kblock_3cta")
+    res = G.attention_gluon(q8, qs, kvs[1], out=out, accumulate=True, config="plain_s2_kblock_3cta")
+    assert res is out and torch.equal(out, o1 + o2)
+    with pytest.raises(ValueError, match="accumulate"):
+        G.attention_gluon(q8, qs, kvs[1], accumulate=True, config="plain_s2_kblock_3cta")
+
+
+@pytest.mark.gpu
 def test_gluon_kblock_bad_scales():
     if not G.available():
         pytest.skip("needs an sm90 GPU")
