@@ -8,10 +8,12 @@ Rows: {"kernel", "shape", "impl", "ms", "tflops", "tbps", "ratio", "cos", "rel_l
   sageattention 1.0.6 when importable; ratio = vs SDPA; cos / rel_l1 (sum|o-r| / sum|r|) vs an fp32
   reference on 2 heads.  Keys carry per-channel offsets and a few outlier channels, like a DiT's.
 - producers (`--producers` runs only these): qk_prep (RMSNorm+RoPE+int8 q+cache write), rope_keys,
-  quantize_v (bf16 and fp8 cache sources), ConvKV update (bf16, fp8): TB/s on the minimum bytes they
-  must move; ratio = time of a device-to-device copy of the same bytes in the same run / ours.
+  quantize_v (bf16 and fp8 cache sources), ConvKV update (bf16, fp8), requantize_k_blocks (per-key int8
+  keys -> one scale per 128-key block): TB/s on the minimum bytes they must move; ratio = time of a
+  device-to-device copy of the same bytes in the same run / ours.
 - cross-attention (q vs 257 image + 512 text keys, two softmaxes summed) and audio attention
-  (8 frames x 1170 q vs 32 keys): ours vs SDPA; ratio = SDPA time / ours.
+  (8 frames x 1170 q vs 32 keys): ours (the forced Triton kernels, and the GPU default: on sm90 the Gluon
+  per-block kernel) vs SDPA; ratio = SDPA time / ours.
 """
 from __future__ import annotations
 
@@ -66,10 +68,12 @@ def _copy_ms(nbytes, device, quick):
 
 
 def run_producers(device="cuda", quick=False, gen=None) -> list[dict]:
-    """qk_prep, rope_keys, quantize_v, ConvKV update at the LiveAct shapes (one 8-frame chunk, 14-slot
-    cache, Sk = 16380 keys = 7020 cache rows + 9360 fresh).  Bytes = the minimum the operation moves
-    (each input byte read once, each output byte written once, RoPE table rows included); ratio = a
-    device copy of the same number of bytes, timed in the same run / ours."""
+    """qk_prep, rope_keys, quantize_v, ConvKV update, requantize_k_blocks at the LiveAct shapes (one
+    8-frame chunk, 14-slot cache, Sk = 16380 keys = 7020 cache rows + 9360 fresh).  Bytes = the minimum
+    the operation moves (each input byte read once, each output byte written once, RoPE table rows
+    included); ratio = a device copy of the same number of bytes, timed in the same run / ours."""
+    import triton
+
     from ..kernels import attention as A
     from ..kernels import convkv as C
     from ..kernels import qk_prep as P
@@ -113,14 +117,19 @@ def run_producers(device="cuda", quick=False, gen=None) -> list[dict]:
         add("quantize_v", f"{n}x{H}x{D} {name}", "ours (amax pass + quantize pass)",
             lambda: A.quantize_v(src), nin + A._pad16(n) * H * D)
     wconv = (0.2 + 0.05 * torch.randn(H * D, 1, 5, device=device, generator=gen)).bfloat16()
-    add("convkv_update", f"{n}x{H}x{D} bf16 K+V", "ours (2 launches)",
+    add("convkv_update", f"{n}x{H}x{D} bf16 K+V", "ours (3 launches)",
         lambda: C.kv_memory_update(cache_k, cache_v, None, None, wconv, FL), 2 * 14 * FL * H * D * 2)
     ks8 = cache_k.to(torch.float8_e4m3fn)
     vs8 = cache_v.to(torch.float8_e4m3fn)
     ksc = torch.rand((1, n, H, 1), device=device, generator=gen) + 0.01
     vsc = torch.rand((1, n, H, 1), device=device, generator=gen) + 0.01
-    add("convkv_update", f"{n}x{H}x{D} fp8 K+V", "ours (2 launches)",
+    add("convkv_update", f"{n}x{H}x{D} fp8 K+V", "ours (3 launches)",
         lambda: C.kv_memory_update(ks8, vs8, ksc, vsc, wconv, FL), 2 * 14 * FL * H * (D + 4))
+    # per-key int8 keys of the whole key set (Sk = 16380) -> one scale per 128-key block (gluon kblock input):
+    # read k8 + per-key scales, write k8 + block scales
+    k8s, kss = A.quantize_int8(_keys((1, SK, H, D), device, gen))
+    add("requantize_k_blocks", f"{SK}x{H}x{D} int8", "ours (1 pass)", lambda: A.requantize_k_blocks(k8s, kss),
+        2 * SK * H * D + SK * H * 4 + H * triton.cdiv(SK, 128) * 4)
     return rows
 
 
@@ -235,6 +244,13 @@ def run(device="cuda", quick=False) -> list[dict]:
         ms = _bench(lambda: ops.cross_attention(qx, pairs), quick)
         impl = "ours-int8fp8 ops (2 launches, kv memo)" if quant else "ours-bf16 ops (fused kernel)"
         rows.append(_row("cross_attn", f"{l}x(512+257)", impl, ms, flops, ratio=ms_ref / ms, cos=c, rel_l1=r))
+    ops = TritonAttentionOps()   # the GPU default: on sm90 the Gluon per-block kernel, 2 launches + accumulate
+    pairs = [(ktxt, vtxt), (kimg, vimg)]
+    o = ops.cross_attention(qx, pairs)
+    c, r = _metrics(o, ref)
+    ms = _bench(lambda: ops.cross_attention(qx, pairs), quick)
+    rows.append(_row("cross_attn", f"{l}x(512+257)", "ours default ops (sm90: gluon per-block, 2 launches)", ms,
+                     flops, ratio=ms_ref / ms, cos=c, rel_l1=r))
     kvq = [A.quantize_kv(ktxt, vtxt), A.quantize_kv(kimg, vimg)]
 
     def two_launches():

@@ -2,8 +2,8 @@
 # Device calls of the 2026-11-25 session.  Usage (device tool):
 #   bash bench/run_gpu_session3.sh kblock1   # GPU tests of the kblock path; FPS gluon-kblock vs gluon (precise), kblock fast
 #   bash bench/run_gpu_session3.sh kblock2   # kblock fast + VAE; accuracy after 3 chunks (precise, fast)
-#   bash bench/run_gpu_session3.sh final1    # GPU tests of every kernel changed this session + producer tables
-#   bash bench/run_gpu_session3.sh final2    # end to end at the session's defaults: FPS (+ profile), accuracy
+#   bash bench/run_gpu_session3.sh final     # GPU tests of the last changes, FPS default (+ profile) / fast /
+#                                            # fast + VAE, accuracy (what the last device budget allowed)
 source bench/devenv.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 LOG="$OUT/log_$1.txt"
@@ -33,22 +33,15 @@ if [ "$1" = kblock2 ]; then
   $A --attention-kernel gluon-kblock --json "$OUT/accuracy_kblock.json" 2>&1 | tail -3 | tee -a "$LOG"
   $A --attention-kernel gluon-kblock --fast-accum --json "$OUT/accuracy_kblock_fast.json" 2>&1 | tail -3 | tee -a "$LOG"
 fi
-if [ "$1" = final1 ]; then
-  L "gpu tests: norm_quant, fp8 GEMM ops, convkv, attention (requantize), gluon, attention ops, qk_prep, runtime"
-  timeout 330 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_norm_quant.py tests/test_fp8_linear_ops.py \
-    tests/test_convkv.py tests/test_attention.py tests/test_attention_gluon.py tests/test_attention_ops.py \
-    tests/test_qk_prep.py tests/test_gpu_runtime.py 2>&1 | tail -4 | tee -a "$LOG"
-  L "attention-side producers vs copy (qk_prep, rope_keys, quantize_v, ConvKV, requantize_k_blocks)"
-  timeout 90 python3 -m liveact.bench.kernels_attention --producers 2>&1 | tail -14 | cut -c1-150 | tee -a "$LOG"
-  L "GEMM-side producers vs copy"
-  timeout 90 python3 -m liveact.bench.kernels_gemm --sweep producer 2>&1 | grep -v "^kernel" | cut -c1-120 | tee -a "$LOG"
-fi
-if [ "$1" = final2 ]; then
-  L "defaults (auto = gluon-kblock self + cross attention): precise (+ profile) / fast-accum / fast-accum + VAE"
+if [ "$1" = final ]; then
+  L "gpu tests: norm_quant (producer rewrite), attention ops (Gluon cross-attention, prepared context), runtime"
+  timeout 130 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_norm_quant.py tests/test_attention_ops.py \
+    tests/test_gpu_runtime.py 2>&1 | tail -4 | tee -a "$LOG"
+  L "defaults: precise (+ profile) / fast-accum / fast-accum + VAE"
   $B --chunks 7 --warmup 3 --json "$OUT/fps_final.json" --profile "$OUT/profile_final.txt" 2>&1 | grep -E "$S" | tee -a "$LOG"
   $B --chunks 7 --warmup 3 --fast-accum --json "$OUT/fps_final_fast.json" 2>&1 | grep -E "$S" | tee -a "$LOG"
-  $B --chunks 7 --warmup 3 --fast-accum --vae --json "$OUT/fps_final_fast_vae.json" 2>&1 | grep -E "$S" | tee -a "$LOG"
-  L "accuracy after 3 chunks vs the reference path: default / fast-accum"
+  $B --chunks 6 --warmup 3 --fast-accum --vae --json "$OUT/fps_final_fast_vae.json" 2>&1 | grep -E "$S" | tee -a "$LOG"
+  L "accuracy after 3 chunks vs the reference path (default)"
   $A --json "$OUT/accuracy_final.json" 2>&1 | tail -3 | tee -a "$LOG"
-  $A --fast-accum --json "$OUT/accuracy_final_fast.json" 2>&1 | tail -3 | tee -a "$LOG"
+  head -14 "$OUT/profile_final.txt" | cut -c1-100 | tee -a "$LOG"
 fi

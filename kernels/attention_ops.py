@@ -6,7 +6,8 @@ Overrides (each tested against the ReferenceOps method it replaces, tests/test_a
                    ++ the chunk's fresh keys) -> quantize_v -> attention kernel
   attention, attention_lse, cross_attention (two softmaxes summed: quantized = q quantized once, two
                    launches, the second adds into the first's output; bf16 = one fused kernel; the context
-                   K/V are quantized once and memoized per tensor version), audio_attention
+                   K/V are quantized once: by prepare_context_kv per prompt on sm90, else memoized per
+                   tensor version), prepare_context_kv, audio_attention
                    (bf16 kernel, batch = frames), kv_memory_update (ConvKV kernel).
 The cache format is the reference's (LayerKV: bf16, or e4m3 + per-(token, head) scales), so
 alloc_kv / kv_write / kv_read are inherited unchanged.
@@ -14,9 +15,9 @@ alloc_kv / kv_write / kv_read are inherited unchanged.
 quantized=True: INT8 Q.K + FP8 P.V (needs sm_89+; falls back to bf16 on older GPUs); False: bf16.
 attention_kernel: the self-attention kernel: "triton"; "gluon" (kernels/attention_gluon.py, same inputs, per-key
 K scales, 1.03-1.07x the Triton kernel on the H100); "gluon-kblock" (the keys requantized to one scale per
-128-key block by one extra pass, then the Gluon kernel's 3-CTA per-block config: self-attention 206 -> 158 +
-7.6 ms per step at 416x720, attention cos 0.99924 vs 0.99928 against fp32, latent cos after 3 chunks
-unchanged); "auto" (default) = "gluon-kblock" where Gluon runs (sm90), else "triton".
+128-key block by one extra pass, requantize_k_blocks, then the Gluon kernel's 3-CTA per-block config:
+self-attention 206 -> 158 ms + 3.2 ms of requantization per step at 416x720, attention cos 0.99924 vs 0.99928
+against fp32); "auto" (default) = "gluon-kblock" where Gluon runs (sm90), else "triton".
 Cross-attention on sm90 (self-attention kernel gluon-kblock): q quantized once, the Gluon per-block kernel
 once per context (text 512 keys, image 257), the second launch adding into the first's output: 0.420 ms vs
 0.430 for SDPA x2 at 9360 x (512 + 257) keys, cos vs fp32 0.99931 (bench/NOTES.md, session 3).  Other GPUs
@@ -127,20 +128,35 @@ class TritonAttentionOps(ReferenceOps):
             return super().attention_lse(q, k, v)
         return A.attention(q, k, v, quantized=self._quantized_attention(q), return_lse=True, autotune=self.autotune)
 
+    def _gluon_cross(self, *ts) -> bool:
+        """Whether cross-attention over these bf16 tensors runs the Gluon per-block kernel (sm90, auto)."""
+        return (ts[0].is_cuda and not self.force and self._quantized_attention(ts[0])
+                and self.self_attention_kernel(ts[0]) == "gluon-kblock"
+                and all(t.dtype == torch.bfloat16 for t in ts))
+
+    def prepare_context_kv(self, k, v) -> tuple:
+        """(k, v) + their per-block quantization (k8, k_scale, vt, v_scale, km) where the Gluon cross-attention
+        runs: quantized once per prompt, outside the captured graphs (which then read the engine's static copy)."""
+        if self._gluon_cross(k, v):
+            from . import attention_gluon as G
+            kv = self._quantize_kv(k, v, G.BLOCK_N)
+            return (k, v, kv.k8, kv.k_scale, kv.vt, kv.v_scale, kv.km)
+        return (k, v)
+
     def cross_attention(self, q, kv_pairs) -> torch.Tensor:
-        if (q.is_cuda and not self.force and self._quantized_attention(q)
-                and self.self_attention_kernel(q) == "gluon-kblock" and all(
-                    q.dtype == k.dtype == v.dtype == torch.bfloat16 for k, v in kv_pairs)):
+        kv_pairs = list(kv_pairs)
+        if self._gluon_cross(q, *[t for pair in kv_pairs for t in pair[:2]]):
             # sm90: the Gluon per-block kernel, q quantized once, one launch per context (text, image), the
-            # second adding into the first's output
+            # second adding into the first's output; K/V quantized by prepare_context_kv (else here, memoized)
             from . import attention_gluon as G
             q8, qs = A.quantize_q(q)
             out = None
-            for k, v in kv_pairs:
-                A._check_qkv(q, k, v)
-                out = G.attention_gluon(q8, qs, self._quant_kv(k, v, block=G.BLOCK_N), out=out,
-                                        accumulate=out is not None, config="plain_s2_kblock_3cta")
+            for pair in kv_pairs:
+                A._check_qkv(q, pair[0], pair[1])
+                kv = A.QuantKV(*pair[2:]) if len(pair) == 7 else self._quant_kv(pair[0], pair[1], block=G.BLOCK_N)
+                out = G.attention_gluon(q8, qs, kv, out=out, accumulate=out is not None, config="plain_s2_kblock_3cta")
             return out
+        kv_pairs = [(pair[0], pair[1]) for pair in kv_pairs]
         if q.is_cuda and not self.force:   # GPU: SDPA (flash) measured faster at 769 keys: the reference math
             out = None
             for k, v in kv_pairs:

@@ -5,31 +5,41 @@ flattened token axis, channel c = h*128 + e:
     out[t, c] = sum_{j<5} w[c, j] * x[5t + j, c]      (w = memory_proj_k.weight [C, 1, 5]; mean memory: w = 1/5)
 Update, for K and for V (both with memory_proj_k's weight, a published quirk):
     slot 2 <- C(slots 2..6);  slot 3 <- C(slots 7..11);  slots 4, 5 <- slots 12, 13.
-In-place hazard: every written slot (2..5) lies inside C(slots 2..6)'s input.  Two launches, K and V
-together (grid axis 2 = (batch, K or V)):
-    kernel 1 `_kvmem_compress_kernel`: C(slots 2..6) -> scratch [2, B, Fl, H, D]   reads [2Fl, 7Fl)
-    kernel 2 `_kvmem_move_kernel`, three program roles, none reading what another writes:
-        C(slots 7..11) -> slot 3 (reads [7Fl, 12Fl));  slots 12, 13 -> 4, 5 (raw copy, values and
-        fp8 scales);  scratch -> slot 2.
-Values are identical to the previous 12-launch order (scratch, slot 3, copies) and to
-ReferenceOps.kv_memory_update (bit-exact on CPU; GPU: the conv's fp32 sum may round differently
-at bf16 ties).
+In-place hazard: every written slot (2..5) lies inside C(slots 2..6)'s input.  With T1 = ceil(Fl / 5),
+outputs t < T1 of C(slots 2..6) read slot 2 (rows 5t..5t+4; the last one also reads slot 3 when
+5 does not divide Fl), outputs t >= T1 read only slots 3..6.  Three launches of `_kvmem_kernel`, K and
+V together (grid axis 2 = (batch, K or V)), no program reading what another of its launch writes:
+    launch 0: outputs [0, T1) of C(slots 2..6) -> scratch [2, B, T1, H, D]        (reads slot 2)
+    launch 1: outputs [T1, Fl) -> slot 2 rows [T1, Fl) (read slots 3..6);  scratch -> slot 2 rows [0, T1)
+    launch 2: C(slots 7..11) -> slot 3;  slots 12, 13 -> 4, 5 (raw copy, values and fp8 scales)
+Values are bit-identical to the previous 2-launch version (full-slot scratch; measured on the H100 at
+Fl = 1170 and 1024, bf16 and FP8) and to ReferenceOps.kv_memory_update (bit-exact on CPU; GPU: the
+conv's fp32 sum may round differently at bf16 ties).
 Tiles: one program per (head, BT output tokens or copied rows, (batch, tensor)), tile [BT, 128]; the
 5 source rows of each output token are 5 strided [BT, 128] loads; fp32 accumulation, bf16 rounding
 of the result like the bf16 conv.  Cache formats: bf16, or e4m3 + per-(token, head) fp32 scale
 (SPEC 4.6): inputs dequantized as bf16(q) * bf16(s), outputs re-quantized (s = max(amax/448, 1e-12),
-e4m3(bf16(x) / bf16(s))) -- the values the reference's kv_read / kv_write produce.
+e4m3(bf16(x) / bf16(s))) -- the values the reference's kv_read / kv_write produce.  The fp32 -> bf16
+-> fp32 roundings use cvt.rn.bf16x2.f32 (two values per ALU op, `_round_bf16`): a lone fp32 -> bf16
+cast compiles to F2F on the quarter-rate conversion unit, one per FP8 input element, which bounded the
+FP8 path (SASS count: 236 F2F per thread per program).
 Bytes per tensor: the minimum is read 10 Fl + write 4 Fl rows of H*D*e (+ H*4 scale bytes for fp8;
-e = 2 bf16, 1 fp8); the scratch round trip makes it read 13 Fl + write 5 Fl (14/18 of the traffic
-is the minimum; the scratch, 24 MB bf16 / 12 MB fp8 for K+V at 416x720, may partly stay in L2).
-At 416x720 (Fl = 1170, 40 x 128, K + V) the minimum is 335 MB (bf16) / 173 MB (fp8).
-Launch config: BT = 16 tokens (bf16) / 32 (fp8), 4 warps (memory bound; no autotune).
-Measured (H100, Fl = 1170, 40 x 128, K and V, eager; ratio = a device copy of the same bytes / ours):
-  previous version (4 Triton kernels + 4 torch copies for bf16, + 8 for FP8): bf16 0.173 ms (66 %),
-  FP8 0.240 ms (27 %; 0.31-0.47 in other runs);
-  this version (2 launches): bf16 0.149 ms (77 %; BT=32: 0.154), FP8 0.104 ms (63 %; BT=16: 0.106).
-  The bf16 traffic actually moved (18 Fl rows per tensor) runs at 96 % of the 1 GiB copy rate: the rest
-  is the scratch round trip.
+e = 2 bf16, 1 fp8); the scratch round trip adds T1 rows each way (14.4 Fl rows moved; the previous
+version moved 18 Fl).  At 416x720 (Fl = 1170, 40 x 128, K + V) the minimum is 335 MB (bf16) /
+173 MB (fp8).
+Launch config (_LAUNCH): BT = 16 tokens (bf16) / 32 (fp8), 4 warps (no autotune).
+Measured (H100, Fl = 1170, 40 x 128, K and V, eager do_bench median; ratio = a device copy of the same
+bytes in the same run / ours; bench/NOTES.md):
+  4 Triton kernels + 4 torch copies (bf16; + 8 for FP8): bf16 0.173 ms (66 %), FP8 0.240 ms (27 %);
+  2 launches, full-slot scratch: bf16 0.149 ms (77-78 %), FP8 0.104 ms (63 %);
+  this version: bf16 0.139-0.140 ms (82-83 %; CUDA graph 0.138), FP8 0.096-0.097 ms (68 %; graph 0.095);
+  Fl = 1024: bf16 0.125 ms (82 %), FP8 0.089 ms (62 %).  Per launch (bf16 / FP8, graph-timed alone):
+  0.018 / 0.014, 0.050 / 0.035, 0.084 / 0.059 ms: launch 0 is a small grid at ~half the copy rate;
+  launch 2 runs bf16 at the copy rate (2.85 TB/s) but FP8 at 2.1 TB/s.  Eager, the three launches cost
+  ~80-100 us of host time per call, about the FP8 GPU time: do_bench can then read host-bound.
+  Tried and slower (reverted): fp32 transposed weights written by launch 0 (no shared-memory
+  redistribution per j), compressing and copying programs interleaved, 2-4x larger copy tiles: bf16
+  0.143, FP8 0.103 ms; 3-D tiles of 2-8 heads: FP8 2x slower (scales replicated per element).
 `convkv_compress` (one compression into a non-overlapping output, TritonAttentionOps.convkv_compress)
 uses the same tile code in `_convkv_kernel`.
 """
@@ -42,6 +52,21 @@ import triton
 import triton.language as tl
 
 from .attention import INTERPRET, to_bf16, to_e4m3
+
+# kv_memory_update launch config by cache format, {fp8: (BT tokens or rows per program, warps)}
+_LAUNCH = {False: (16, 4), True: (32, 4)}
+
+
+@triton.jit
+def _round_bf16(x, EMU: tl.constexpr):
+    """fp32 -> the nearest bf16 (ties to even), returned as fp32.  GPU: two values per cvt.rn.bf16x2.f32 (an
+    ALU op); a lone fp32 -> bf16 cvt is an F2F on the quarter-rate conversion unit, one per input element of
+    the FP8 path, which bounded it (SASS count)."""
+    if EMU:
+        return to_bf16(x, EMU).to(tl.float32)
+    return tl.inline_asm_elementwise(
+        "{ .reg .b32 t; cvt.rn.bf16x2.f32 t, $3, $2; shl.b32 $0, t, 16; and.b32 $1, t, 0xffff0000; }",
+        "=r,=r,r,r", [x], dtype=tl.float32, is_pure=True, pack=2)
 
 
 @triton.jit
@@ -58,7 +83,7 @@ def _compress(X, XS, W, Y, YS, b, h, t0, n_out, src0, dst0, H, sx_b, sx_s, sxs_b
         x = tl.load(X + b * sx_b + rows[:, None] * sx_s + c[None, :], mask=mask[:, None], other=0.0)
         if FP8:   # kv_read: bf16(q) * bf16(s)
             xs = tl.load(XS + b * sxs_b + rows * H + h, mask=mask, other=0.0)
-            x = to_bf16(x.to(tl.float32) * to_bf16(xs, EMU).to(tl.float32)[:, None], EMU)
+            x = _round_bf16(x.to(tl.float32) * to_bf16(xs, EMU).to(tl.float32)[:, None], EMU)
         x = x.to(tl.float32)
         if MEAN:
             acc += x
@@ -66,16 +91,16 @@ def _compress(X, XS, W, Y, YS, b, h, t0, n_out, src0, dst0, H, sx_b, sx_s, sxs_b
             acc += tl.load(W + c * 5 + j).to(tl.float32)[None, :] * x
     if MEAN:
         acc = acc / 5.0
-    y = to_bf16(acc, EMU).to(tl.float32)
     rows_out = dst0 + offs_t
     y_ptrs = Y + b * sy_b + rows_out[:, None] * sy_s + c[None, :]
     if FP8:   # kv_write: SPEC 4.6 quantization per (token, head)
+        y = _round_bf16(acc, EMU)
         s = tl.maximum(tl.max(tl.abs(y), 1) / 448.0, 1e-12)
-        qv = to_bf16(y / to_bf16(s, EMU).to(tl.float32)[:, None], EMU).to(tl.float32)
+        qv = _round_bf16(y / to_bf16(s, EMU).to(tl.float32)[:, None], EMU)
         tl.store(y_ptrs, to_e4m3(qv, EMU), mask=mask[:, None])
         tl.store(YS + b * sys_b + rows_out * H + h, s, mask=mask)
     else:
-        tl.store(y_ptrs, y.to(tl.bfloat16), mask=mask[:, None])
+        tl.store(y_ptrs, to_bf16(acc, EMU), mask=mask[:, None])
 
 
 @triton.jit
@@ -102,48 +127,44 @@ def _convkv_kernel(X, XS, W, Y, YS, n_out, H, src0, dst0,
 
 
 @triton.jit
-def _kvmem_compress_kernel(K, KS, V, VS, W, SC, SCS, Fl, H, sx_b, sx_s, sxs_b, sc_t, sc_b, sc_s, scs_t, scs_b,
-                           FP8: tl.constexpr, MEAN: tl.constexpr, EMU: tl.constexpr, D: tl.constexpr,
-                           BT: tl.constexpr):
-    """Kernel 1: scratch[K or V] <- C(slots 2..6).  Grid (H, cdiv(Fl, BT), 2B): the heads of one row
-    block run side by side (they share the rows' DRAM pages and fp8 scale sectors)."""
-    h, pid_t, z = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b = z // 2
-    if z % 2 == 0:
-        _compress(K, KS, W, SC, SCS, b, h, pid_t * BT, Fl, 2 * Fl, 0, H, sx_b, sx_s, sxs_b, sc_b, sc_s, scs_b,
+def _kvmem_phase(X, XS, W, SC, SCS, pid, b, h, Fl, T1, H, nb_a, sx_b, sx_s, sxs_b, sc_b, sc_s, scs_b,
+                 PHASE: tl.constexpr, FP8: tl.constexpr, MEAN: tl.constexpr, EMU: tl.constexpr, D: tl.constexpr,
+                 BT: tl.constexpr):
+    """One program of launch PHASE for one tensor (K or V); T1 = ceil(Fl / 5); see the module docstring."""
+    if PHASE == 0:                     # outputs [0, T1) of C(slots 2..6) -> scratch
+        _compress(X, XS, W, SC, SCS, b, h, pid * BT, T1, 2 * Fl, 0, H, sx_b, sx_s, sxs_b, sc_b, sc_s, scs_b,
                   FP8, MEAN, EMU, D, BT)
+    elif PHASE == 1:
+        if pid < nb_a:                 # outputs [T1, Fl) of C(slots 2..6) -> slot 2 rows [T1, Fl)
+            _compress(X, XS, W, X, XS, b, h, T1 + pid * BT, Fl, 2 * Fl, 2 * Fl, H, sx_b, sx_s, sxs_b,
+                      sx_b, sx_s, sxs_b, FP8, MEAN, EMU, D, BT)
+        else:                          # scratch -> slot 2 rows [0, T1)
+            _copy_rows(SC, SCS, X, XS, b, h, (pid - nb_a) * BT, T1, 0, 2 * Fl, H, sc_b, sc_s, scs_b,
+                       sx_b, sx_s, sxs_b, FP8, D, BT)
     else:
-        _compress(V, VS, W, SC + sc_t, SCS + scs_t, b, h, pid_t * BT, Fl, 2 * Fl, 0, H, sx_b, sx_s, sxs_b,
-                  sc_b, sc_s, scs_b, FP8, MEAN, EMU, D, BT)
+        if pid < nb_a:                 # slot 3 <- C(slots 7..11)
+            _compress(X, XS, W, X, XS, b, h, pid * BT, Fl, 7 * Fl, 3 * Fl, H, sx_b, sx_s, sxs_b,
+                      sx_b, sx_s, sxs_b, FP8, MEAN, EMU, D, BT)
+        else:                          # slots 4, 5 <- slots 12, 13
+            _copy_rows(X, XS, X, XS, b, h, (pid - nb_a) * BT, 2 * Fl, 12 * Fl, 4 * Fl, H, sx_b, sx_s, sxs_b,
+                       sx_b, sx_s, sxs_b, FP8, D, BT)
 
 
 @triton.jit
-def _move_one(X, XS, W, SC, SCS, pid, b, h, Fl, H, nb1, nb2, sx_b, sx_s, sxs_b, sc_b, sc_s, scs_b,
-              FP8: tl.constexpr, MEAN: tl.constexpr, EMU: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):
-    if pid < nb1:                      # slot 3 <- C(slots 7..11)
-        _compress(X, XS, W, X, XS, b, h, pid * BT, Fl, 7 * Fl, 3 * Fl, H, sx_b, sx_s, sxs_b, sx_b, sx_s, sxs_b,
-                  FP8, MEAN, EMU, D, BT)
-    elif pid < nb1 + nb2:              # slots 4, 5 <- slots 12, 13
-        _copy_rows(X, XS, X, XS, b, h, (pid - nb1) * BT, 2 * Fl, 12 * Fl, 4 * Fl, H, sx_b, sx_s, sxs_b,
-                   sx_b, sx_s, sxs_b, FP8, D, BT)
-    else:                              # slot 2 <- scratch
-        _copy_rows(SC, SCS, X, XS, b, h, (pid - nb1 - nb2) * BT, Fl, 0, 2 * Fl, H, sc_b, sc_s, scs_b,
-                   sx_b, sx_s, sxs_b, FP8, D, BT)
-
-
-@triton.jit
-def _kvmem_move_kernel(K, KS, V, VS, W, SC, SCS, Fl, H, nb1, nb2, sx_b, sx_s, sxs_b, sc_t, sc_b, sc_s, scs_t, scs_b,
-                       FP8: tl.constexpr, MEAN: tl.constexpr, EMU: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):
-    """Kernel 2: programs [0, nb1) compress into slot 3, [nb1, nb1 + nb2) copy slots 12, 13, the rest
-    copy the scratch into slot 2.  Grid (H, nb1 + nb2 + cdiv(Fl, BT), 2B)."""
+def _kvmem_kernel(K, KS, V, VS, W, SC, SCS, Fl, T1, H, nb_a, sx_b, sx_s, sxs_b, sc_t, sc_b, sc_s, scs_t, scs_b,
+                  PHASE: tl.constexpr, FP8: tl.constexpr, MEAN: tl.constexpr, EMU: tl.constexpr, D: tl.constexpr,
+                  BT: tl.constexpr):
+    """Launch PHASE (0, 1, 2) of the update.  Grid (H, programs of the phase, 2B): the heads of one row
+    block run side by side (they share the rows' DRAM pages and fp8 scale sectors); programs [0, nb_a)
+    compress, the rest copy.  Grid axis 2 = (batch, K or V)."""
     h, pid, z = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b = z // 2
     if z % 2 == 0:
-        _move_one(K, KS, W, SC, SCS, pid, b, h, Fl, H, nb1, nb2, sx_b, sx_s, sxs_b, sc_b, sc_s, scs_b,
-                  FP8, MEAN, EMU, D, BT)
+        _kvmem_phase(K, KS, W, SC, SCS, pid, b, h, Fl, T1, H, nb_a, sx_b, sx_s, sxs_b, sc_b, sc_s, scs_b,
+                     PHASE, FP8, MEAN, EMU, D, BT)
     else:
-        _move_one(V, VS, W, SC + sc_t, SCS + scs_t, pid, b, h, Fl, H, nb1, nb2, sx_b, sx_s, sxs_b, sc_b, sc_s,
-                  scs_b, FP8, MEAN, EMU, D, BT)
+        _kvmem_phase(V, VS, W, SC + sc_t, SCS + scs_t, pid, b, h, Fl, T1, H, nb_a, sx_b, sx_s, sxs_b,
+                     sc_b, sc_s, scs_b, PHASE, FP8, MEAN, EMU, D, BT)
 
 
 def _check_rows(name, t):
@@ -187,14 +208,21 @@ def convkv_compress(x, x_scale, weight, out, out_scale, src_row0: int, dst_row0:
         FP8=fp8, MEAN=weight is None, EMU=INTERPRET, D=d, BT=bt, num_warps=4)
 
 
+def _slot2_readers(fl: int) -> int:
+    """T1 = ceil(Fl / 5): outputs t < T1 of C(slots 2..6) read rows 5t..5t+4 of which some lie in slot 2
+    (relative rows < Fl); outputs t >= T1 read only slots 3..6 (rows >= 5 T1 >= Fl)."""
+    return (fl + 4) // 5
+
+
 def kv_memory_update(k, v, k_scale, v_scale, weight: Optional[torch.Tensor], tokens_per_frame: int,
-                     bt: Optional[int] = None, num_warps: int = 4):
+                     bt: Optional[int] = None, num_warps: Optional[int] = None):
     """In-place ConvKV update of one layer cache (SPEC 4.2 step 3) for K and V, both with `weight`
-    (memory_proj_k; None = mean memory), in two launches.  k, v [B, 14*Fl, H, D] bf16, or e4m3 with
+    (memory_proj_k; None = mean memory), in three launches.  k, v [B, 14*Fl, H, D] bf16, or e4m3 with
     fp32 scales k_scale, v_scale [B, 14*Fl, H, 1] (None for a bf16 cache); k and v (and their
-    scales) must have the same shape and strides."""
+    scales) must have the same shape and strides.  bt (tokens or rows per program) and num_warps
+    override the launch config (_LAUNCH)."""
     fl = tokens_per_frame
-    if k.shape[1] < 14 * fl:
+    if fl < 1 or k.shape[1] < 14 * fl:
         raise ValueError(f"kv_memory_update needs 14 slots of {fl} tokens, the cache has {k.shape[1]} rows")
     _check_rows("kv_memory_update: k", k)
     if k.shape != v.shape or k.stride() != v.stride() or k.dtype != v.dtype:
@@ -205,16 +233,19 @@ def kv_memory_update(k, v, k_scale, v_scale, weight: Optional[torch.Tensor], tok
         raise ValueError("kv_memory_update: k_scale and v_scale must be contiguous [B, N, H, 1] tensors "
                          "with equal strides")
     b, _, h, d = k.shape
-    bt = bt if bt is not None else (32 if fp8 else 16)
+    bt = bt if bt is not None else _LAUNCH[fp8][0]
+    num_warps = num_warps if num_warps is not None else _LAUNCH[fp8][1]
     w = _check_weight(weight, h, d)
     w = k if w is None else w
-    sc = torch.empty((2, b, fl, h, d), dtype=k.dtype, device=k.device)
-    scs = torch.empty((2, b, fl, h), dtype=torch.float32, device=k.device) if fp8 else sc
+    t1 = _slot2_readers(fl)
+    sc = torch.empty((2, b, t1, h, d), dtype=k.dtype, device=k.device)
+    scs = torch.empty((2, b, t1, h), dtype=torch.float32, device=k.device) if fp8 else sc
     ks, vs = (k_scale, v_scale) if fp8 else (k, v)
     strides = (k.stride(0), k.stride(1), ks.stride(0) if fp8 else 0, sc.stride(0), sc.stride(1), sc.stride(2),
                scs.stride(0) if fp8 else 0, scs.stride(1) if fp8 else 0)
     flags = dict(FP8=fp8, MEAN=weight is None, EMU=INTERPRET, D=d, BT=bt, num_warps=num_warps)
-    nb = triton.cdiv(fl, bt)
-    _kvmem_compress_kernel[(h, nb, 2 * b)](k, ks, v, vs, w, sc, scs, fl, h, *strides, **flags)
-    nb2 = triton.cdiv(2 * fl, bt)
-    _kvmem_move_kernel[(h, 2 * nb + nb2, 2 * b)](k, ks, v, vs, w, sc, scs, fl, h, nb, nb2, *strides, **flags)
+    args = (k, ks, v, vs, w, sc, scs, fl, t1, h)
+    nt1, nrest, nfl = triton.cdiv(t1, bt), triton.cdiv(fl - t1, bt), triton.cdiv(fl, bt)
+    _kvmem_kernel[(h, nt1, 2 * b)](*args, nt1, *strides, PHASE=0, **flags)
+    _kvmem_kernel[(h, nrest + nt1, 2 * b)](*args, nrest, *strides, PHASE=1, **flags)
+    _kvmem_kernel[(h, nfl + triton.cdiv(2 * fl, bt), 2 * b)](*args, nfl, *strides, PHASE=2, **flags)

@@ -13,22 +13,32 @@ model dtype, modulate in fp32, round to the model dtype, and only then quantize,
 LN: mean = sum(x)/K, var = sum((x-mean)^2)/K (biased), rstd = 1/sqrt_rn(var + eps) (IEEE division).
 
 FP8 rounding: values are clamped to +-448 and cast with round-to-nearest-even.  On the GPU the cast is the
-hardware cvt.rn.satfinite (HW_CVT); in the CPU interpreter, whose fp8 cast is wrong near powers of two
-(KERNELS.md 5.4), the value is first rounded to the e4m3 grid by hand on the fp32 bits (_round_e4m3), so the
-cast is exact.  Both equal torch's `clamp(-448, 448).to(float8_e4m3fn)` (bit-identical on the H100; the hand
-rounding cost 25 % of the bandwidth there: 1.86 vs 2.46 TB/s).
+hardware cvt.rn.satfinite.e4m3x2 (HW_CVT), whose saturation is the clamp (no min/max instructions); in the
+CPU interpreter, whose fp8 cast is wrong near powers of two (KERNELS.md 5.4), the value is clamped and
+rounded to the e4m3 grid by hand on the fp32 bits (_round_e4m3), so the cast is exact.  Both equal torch's
+`clamp(-448, 448).to(float8_e4m3fn)` (bit-identical on the H100; the hand rounding cost 25 % of the
+bandwidth there: 1.86 vs 2.46 TB/s).
 
-Bytes per row (bf16 in, fp8 out): 2K read + K + 4 written (+ 2*2K for shift/scale, L2-resident);
-FLOPs ~ 10 per element; the floor is the bytes: at M=9360, K=5120, 144 MB -> 48 us at 3 TB/s.
+Bytes per row (bf16 in, fp8 out): 2K read + K + 4 written (+ 2*2K for shift/scale or weight/bias, L2-resident);
+bf16 out: 2K + 2K.  FLOPs ~ 10 per element; the floor is the bytes: at M=9360, K=5120, 143.8 MB -> 52 us at
+the 2.78 TB/s a same-size copy reaches (48 us at 3 TB/s); bf16 out 191.7 MB -> 69 us.
 
 Configs (no autotune): one row per program; the row is one or two unpadded power-of-two parts (K = 5120 =
-4096 + 1024: no masked lanes; other K: one part padded to next_power_of_2(K)); num_warps 2 for the LayerNorm
-variants (K <= 8192), 4 for quantize_rows, 8 above K = 8192.  Why (H100, 9360 x 5120): the LayerNorm
-variants behave as issue bound, not DRAM bound (inferred: 1.14 us per row per SM matches ~30 instructions per
-lane plus three dependent row reductions, and time follows lanes and warps, not bytes), so padded lanes (8192 for 5120) and cross-warp reductions cost time directly; the first
-version (one padded part, 4 warps) reached norm_modulate_quant 1.78-1.83 TB/s (64 %), the split with 2 warps
-2.32 TB/s (83 % of a 2.79 TB/s same-size copy) in the sweep; quantize_rows stays at 2.65 TB/s (96 %).
-Timings of these kernels move with the SM clock (power throttling after GEMM-heavy work): compare within a run.
+4096 + 1024: no masked lanes; other K: one part padded to next_power_of_2(K)); warps: see _settings (2 for
+the LayerNorm variants at 5120, 4 for rms_norm and quantize_rows, 8 above K = 8192).  The LayerNorm
+variants are issue bound, not DRAM bound (time follows instructions, warps and barriers, not bytes), so:
+per-channel vectors (LN weight/bias, RMS weight) are loaded as [ROWS, B] tiles with x's shape and mask, which
+gives them x's register layout (a 1D load got its own layout and a shared-memory convert_layout per vector:
+37 barriers per row instead of 17); the 4096-part is folded onto the 1024-part in registers before each row
+reduction (_fold: one cross-warp reduction per statistic instead of two, 17 -> 8 barriers); no clamp
+before the saturating cvt; constant-true masks when M is a multiple of ROWS (no predicated loads / zero fills).
+SASS per row (sm_90, ptxas 12.8 bundled with triton 3.6), before -> after: layer_norm_quant 1832 -> 1464
+instructions per thread, 167 -> 128 registers; norm_modulate_quant 1960 -> 1696; rms_norm (4 warps) 712 -> 424.
+H100, 9360 x 5120, medians of 5 interleaved rounds next to a 2.78 TB/s same-size copy (2026-11-25):
+layer_norm_quant 0.0688 -> 0.0576 ms (75 % -> 90 % of copy), norm_modulate_quant 0.0622 -> 0.0581 (83 -> 89 %),
+quantize_rows 0.0540 -> 0.0538 (96 %), rms_norm 0.0717 -> 0.0710 (96 -> 97 %), bf16-out LN / modulate 96-98 %.
+Timings of these kernels move with the SM clock (power throttling after GEMM-heavy work, and single do_bench
+calls moved up to 30 %): compare within a run, in interleaved rounds.
 Modulation vectors may be per channel [K] (row stride 0) or per token [M, K].
 """
 from __future__ import annotations
@@ -105,7 +115,16 @@ def _load_part(X, rows, rmask, stride_x, C0: tl.constexpr, B: tl.constexpr, K, P
 
 
 @triton.jit
-def _finish_part(d, rstd, cols, mask, rows, W, B, SHIFT, SCALE, stride_mod, K,
+def _load_vec(V, rows, cols, mask):
+    """A per-channel vector [K] as a [ROWS, B] fp32 tile in the layout of x: the 2D pointer tile of the same
+    shape and mask as x's load shares its layout.  (A 1D `tl.load(V + cols)` got its own 8-per-thread layout
+    and a shared-memory convert_layout per vector: 37 barriers per row instead of 17, and layer_norm_quant ran
+    at 75 % of copy bandwidth while norm_modulate_quant, whose shift/scale load was 2D, reached 83 %.)"""
+    return tl.load(V + (rows[:, None] * 0 + cols[None, :]), mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _finish_part(d, rstd, cols, mask, rows, W, B, SHIFT, SCALE, stride_mod,
                  rdt: tl.constexpr, NORM: tl.constexpr, AFFINE: tl.constexpr, MODULATE: tl.constexpr,
                  MANUAL: tl.constexpr, RMS: tl.constexpr):
     """Normalised (or raw) part -> the model-dtype rounded y (fp32 values) of the reference chain."""
@@ -113,14 +132,12 @@ def _finish_part(d, rstd, cols, mask, rows, W, B, SHIFT, SCALE, stride_mod, K,
     if RMS:    # WanRMSNorm: bf16(x * rstd), then bf16(. * w)
         y = _round_to(d * rstd[:, None], rdt, MANUAL)
         if AFFINE:
-            w = tl.load(W + cols, mask=cols < K, other=0.0).to(tl.float32)
-            y = _round_to(y * w[None, :], rdt, MANUAL)
+            w = _load_vec(W, rows, cols, mask)
+            y = _round_to(y * w, rdt, MANUAL)
     elif NORM:
         y = d * rstd[:, None]
         if AFFINE:
-            w = tl.load(W + cols, mask=cols < K, other=0.0).to(tl.float32)
-            b = tl.load(B + cols, mask=cols < K, other=0.0).to(tl.float32)
-            y = y * w[None, :] + b[None, :]
+            y = y * _load_vec(W, rows, cols, mask) + _load_vec(B, rows, cols, mask)
         y = _round_to(y, rdt, MANUAL)
     if MODULATE:
         mod = rows[:, None] * stride_mod + cols[None, :]
@@ -137,11 +154,21 @@ def _store_part(y, inv, cols, mask, rows, Y, YB, stride_y, stride_yb,
     if STORE_BF16:
         tl.store(YB + rows[:, None] * stride_yb + cols[None, :], y.to(YB.dtype.element_ty), mask=mask)
     if QUANT:
-        if HW_CVT:  # GPU cvt.rn.satfinite: the same nearest-even rounding, in hardware
-            q = tl.minimum(tl.maximum(y * inv[:, None], -448.0), 448.0)
+        if HW_CVT:  # GPU cvt.rn.satfinite.e4m3x2: nearest even, saturating at +-448 (= the clamp), in hardware
+            q = y * inv[:, None]
         else:
             q = _round_e4m3(y * inv[:, None])
         tl.store(Y + rows[:, None] * stride_y + cols[None, :], q.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _fold(a1, a2, ROWS: tl.constexpr, BLOCK: tl.constexpr, BLOCK2: tl.constexpr, MAX: tl.constexpr):
+    """The two parts of a row folded into one [ROWS, BLOCK2] tile (a1's BLOCK // BLOCK2 column chunks
+    combined in-thread, then with a2): one cross-warp row reduction instead of two."""
+    if MAX:
+        return tl.maximum(tl.max(tl.reshape(a1, (ROWS, BLOCK // BLOCK2, BLOCK2)), axis=1), a2)
+    else:
+        return tl.sum(tl.reshape(a1, (ROWS, BLOCK // BLOCK2, BLOCK2)), axis=1) + a2
 
 
 @triton.jit
@@ -150,11 +177,14 @@ def _row_kernel(X, W, B, SHIFT, SCALE, Y, YB, S,
                 NORM: tl.constexpr, AFFINE: tl.constexpr, MODULATE: tl.constexpr,
                 QUANT: tl.constexpr, STORE_BF16: tl.constexpr, MANUAL: tl.constexpr,
                 ROWS: tl.constexpr, BLOCK: tl.constexpr, BLOCK2: tl.constexpr = 0, PADDED: tl.constexpr = True,
-                HW_CVT: tl.constexpr = False, RMS: tl.constexpr = False):
+                HW_CVT: tl.constexpr = False, RMS: tl.constexpr = False, EVEN_M: tl.constexpr = False):
     """A row as one or two power-of-two parts [ROWS, BLOCK] (+ [ROWS, BLOCK2]); PADDED: the parts cover
     more than K channels (masked), else exactly K (no column masks, no padded lanes)."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    rmask = rows < M
+    if EVEN_M:  # every row of the last program exists: constant-true masks (no predicated loads / zero fills)
+        rmask = tl.full((ROWS,), 1, tl.int1)
+    else:
+        rmask = rows < M
     x1, c1, m1 = _load_part(X, rows, rmask, stride_x, 0, BLOCK, K, PADDED)
     rdt = x1.dtype  # the model dtype: every reference rounding step goes through it
     d1 = x1.to(tl.float32)
@@ -163,42 +193,40 @@ def _row_kernel(X, W, B, SHIFT, SCALE, Y, YB, S,
         d2 = x2.to(tl.float32)
     rstd = tl.zeros((ROWS,), tl.float32)
     if RMS:
-        ss = tl.sum(d1 * d1, axis=1)
         if BLOCK2 > 0:
-            ss += tl.sum(d2 * d2, axis=1)
+            ss = tl.sum(_fold(d1 * d1, d2 * d2, ROWS, BLOCK, BLOCK2, False), axis=1)
+        else:
+            ss = tl.sum(d1 * d1, axis=1)
         rstd = tl.math.div_rn(tl.full((ROWS,), 1.0, tl.float32), tl.math.sqrt_rn(ss / K + eps))
     elif NORM:
-        tot = tl.sum(d1, axis=1)
         if BLOCK2 > 0:
-            tot += tl.sum(d2, axis=1)
-        mean = tot / K
-        d1 = d1 - mean[:, None]
-        if PADDED:
-            d1 = tl.where(m1, d1, 0.0)
-        ss = tl.sum(d1 * d1, axis=1)
-        if BLOCK2 > 0:
+            mean = tl.sum(_fold(d1, d2, ROWS, BLOCK, BLOCK2, False), axis=1) / K
+            d1 = d1 - mean[:, None]
             d2 = d2 - mean[:, None]
-            ss += tl.sum(d2 * d2, axis=1)
-        var = ss / K
-        rstd = tl.math.div_rn(tl.full((ROWS,), 1.0, tl.float32), tl.math.sqrt_rn(var + eps))
-    y1 = _finish_part(d1, rstd, c1, m1, rows, W, B, SHIFT, SCALE, stride_mod, K, rdt, NORM, AFFINE, MODULATE,
+            ss = tl.sum(_fold(d1 * d1, d2 * d2, ROWS, BLOCK, BLOCK2, False), axis=1)
+        else:
+            mean = tl.sum(d1, axis=1) / K
+            d1 = d1 - mean[:, None]
+            if PADDED:
+                d1 = tl.where(m1, d1, 0.0)
+            ss = tl.sum(d1 * d1, axis=1)
+        rstd = tl.math.div_rn(tl.full((ROWS,), 1.0, tl.float32), tl.math.sqrt_rn(ss / K + eps))
+    y1 = _finish_part(d1, rstd, c1, m1, rows, W, B, SHIFT, SCALE, stride_mod, rdt, NORM, AFFINE, MODULATE,
                       MANUAL, RMS)
+    if BLOCK2 > 0:
+        y2 = _finish_part(d2, rstd, c2, m2, rows, W, B, SHIFT, SCALE, stride_mod, rdt, NORM, AFFINE,
+                          MODULATE, MANUAL, RMS)
     inv = rstd
     if QUANT:
-        if PADDED:
+        if BLOCK2 > 0:   # unpadded parts
+            amax = tl.max(_fold(tl.abs(y1), tl.abs(y2), ROWS, BLOCK, BLOCK2, True), axis=1)
+        elif PADDED:
             amax = tl.max(tl.where(m1, tl.abs(y1), 0.0), axis=1)
         else:
             amax = tl.max(tl.abs(y1), axis=1)
-        if BLOCK2 > 0:
-            y2 = _finish_part(d2, rstd, c2, m2, rows, W, B, SHIFT, SCALE, stride_mod, K, rdt, NORM, AFFINE,
-                              MODULATE, MANUAL, RMS)
-            amax = tl.maximum(amax, tl.max(tl.abs(y2), axis=1))
         s = tl.maximum(amax / 448.0, 1e-12)
         inv = tl.math.div_rn(tl.full((ROWS,), 1.0, tl.float32), s)
         tl.store(S + rows, s, mask=rmask)
-    elif BLOCK2 > 0:
-        y2 = _finish_part(d2, rstd, c2, m2, rows, W, B, SHIFT, SCALE, stride_mod, K, rdt, NORM, AFFINE,
-                          MODULATE, MANUAL, RMS)
     _store_part(y1, inv, c1, m1, rows, Y, YB, stride_y, stride_yb, QUANT, STORE_BF16, HW_CVT)
     if BLOCK2 > 0:
         _store_part(y2, inv, c2, m2, rows, Y, YB, stride_y, stride_yb, QUANT, STORE_BF16, HW_CVT)
@@ -227,15 +255,25 @@ def _split(k: int):
     return (b1, 0) if r == 0 else (triton.next_power_of_2(k), 0)
 
 
-def _settings(k: int, norm: bool):
+def _settings(k: int, norm: bool, vec: int = 16):
     """(BLOCK, BLOCK2, ROWS per program, num_warps, hardware e4m3 cast): one row per program on the GPU, 16K
-    elements per program in the interpreter (its cost is per program, not per element)."""
+    elements per program in the interpreter (its cost is per program, not per element).
+
+    Warps of the normalising variants split in two parts: as many as the smaller part fills with 16-byte
+    vectors of vec elements per thread (FP8 store: 16): 5120 = 4096 + 1024 -> 2 warps.  More warps replicate
+    the small part and the compiler converts layouts through shared memory (4 warps: 0.38 ms instead of 0.058).
+    rms_norm (bf16 out only) passes vec = 8 -> 4 warps (1 % faster than 2); the LayerNorm variants keep vec = 16
+    for their bf16 outputs too, so quant=False and keep_bf16 give the same bits (same reduction order)."""
     rows = 1 if not interpreting() else max(1, min(64, 16384 // triton.next_power_of_2(k)))
     hw, split = not interpreting(), norm   # quantize_rows is DRAM bound already: one padded part measured best
-    warps = (2 if norm else 4) if k <= 8192 else 8
+    block, block2 = _split(k) if split else (triton.next_power_of_2(k), 0)
+    if norm and block2:
+        warps = max(1, min(8, block2 // (32 * vec)))
+    else:   # one (padded) part: 2 warps for the LayerNorm variants up to 8192 lanes, 4 for quantize_rows
+        warps = (2 if norm else 4) if k <= 8192 else 8
     if SETTINGS_OVERRIDE is not None:
         rows, warps, hw, split = SETTINGS_OVERRIDE
-    block, block2 = _split(k) if split else (triton.next_power_of_2(k), 0)
+        block, block2 = _split(k) if split else (triton.next_power_of_2(k), 0)
     return block, block2, rows, warps, hw
 
 
@@ -285,14 +323,14 @@ def _launch(x, w=None, b=None, shift=None, scale=None, eps=1e-6, norm=True, quan
             b = torch.zeros_like(w)
         w, b = w.contiguous(), b.contiguous()
     if m:
-        block, block2, rows, warps, hw = _settings(k, norm)
+        block, block2, rows, warps, hw = _settings(k, norm, 16 // x2.element_size() if rms else 16)
         dummy = x2
         _row_kernel[(triton.cdiv(m, rows),)](x2, w if affine else dummy, b if affine else dummy, shift if mod else dummy,
                           scale if mod else dummy, q if quant else dummy, yb if store_bf16 else dummy,
                           s if quant else dummy, m, k, x2.stride(0), stride_mod, k, k, float(eps),
                           NORM=norm, AFFINE=affine, MODULATE=mod, QUANT=quant, STORE_BF16=store_bf16,
                           MANUAL=interpreting(), ROWS=rows, BLOCK=block, BLOCK2=block2,
-                          PADDED=block + block2 != k, HW_CVT=hw, RMS=rms, num_warps=warps)
+                          PADDED=block + block2 != k, HW_CVT=hw, RMS=rms, EVEN_M=m % rows == 0, num_warps=warps)
     if quant:
         return QuantAct(q.view(*lead, k), s.view(lead), x.dtype, yb.view(*lead, k) if store_bf16 else None)
     return yb.view(*lead, k)

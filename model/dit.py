@@ -139,8 +139,8 @@ class Block(nn.Module):
         ca = self.cross_attn
         u = ops.layer_norm(x, self.norm3.weight, self.norm3.bias, eps)
         q = ops.rms_norm(ops.linear(u, ca.q), ca.norm_q.weight, eps).view(b, l, h, hd)
-        (k_img, v_img), (k_txt, v_txt) = ctx_kv[0], ctx_kv[1]
-        y = ops.cross_attention(q, [(k_txt, v_txt), (k_img, v_img)]).reshape(b, l, d)
+        ctx_img, ctx_txt = ctx_kv[0], ctx_kv[1]          # prepare_context_kv tuples (k, v, ...)
+        y = ops.cross_attention(q, [ctx_txt, ctx_img]).reshape(b, l, d)
         x = ops.linear_residual(y, ca.o, x)
 
         # 3. audio cross-attention: each latent frame's tokens attend to its own 32 audio tokens
@@ -166,7 +166,7 @@ class Block(nn.Module):
         k_txt = ops.rms_norm(ops.linear(ctx_txt, ca.k), ca.norm_k.weight, eps)
         v_txt = ops.linear(ctx_txt, ca.v)
         sh = lambda t: t.view(t.shape[0], t.shape[1], h, hd)
-        return (sh(k_img), sh(v_img)), (sh(k_txt), sh(v_txt))
+        return ops.prepare_context_kv(sh(k_img), sh(v_img)), ops.prepare_context_kv(sh(k_txt), sh(v_txt))
 
     def audio_kv(self, ops, audio_tokens):
         """audio_tokens [F, T, C] (this chunk's frames) -> K, V [F, T, H, hd]."""
@@ -210,7 +210,8 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 @dataclass
 class Context:
-    """Per-prompt conditioning, projected once for every block: [(k_img, v_img), (k_txt, v_txt)]."""
+    """Per-prompt conditioning, projected once for every block: [(k_img, v_img, ...), (k_txt, v_txt, ...)]
+    (ops.prepare_context_kv tuples)."""
     per_block: list
 
 

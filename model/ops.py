@@ -15,6 +15,9 @@ Conventions
   example an FP8 tensor with per-token scales); the model only hands it on to a linear op.
 - KV caches are `LayerKV` objects created by `alloc_kv`, so an ops implementation chooses its own
   cache format; the model and runtime only call the kv_* methods and `self_attention`.
+- Cross-attention contexts are `prepare_context_kv` tuples (k, v, ...), made once per prompt: an ops
+  implementation may append tensors derived from k, v (their quantized form); the engine keeps all of them
+  in its static context buffers.
 """
 from __future__ import annotations
 
@@ -152,11 +155,18 @@ class ReferenceOps:
             del s
         return torch.cat(outs, dim=2).to(q.dtype), torch.cat(lses, dim=1)
 
+    def prepare_context_kv(self, k, v) -> tuple:
+        """A context's (k, v) as cross_attention will take it, once per prompt (DiTBlock.context_kv): a tuple
+        whose first two tensors are k and v; kernel ops may append tensors derived from them (e.g. their
+        quantized form), which the engine's static context buffers then hold and refill as well."""
+        return (k, v)
+
     def cross_attention(self, q, kv_pairs) -> torch.Tensor:
-        """Sum of separate softmax attentions of q over each (k, v) pair (image + text context)."""
+        """Sum of separate softmax attentions of q over each context pair (image + text context); a pair is
+        a prepare_context_kv tuple (k, v, ...)."""
         out = None
-        for k, v in kv_pairs:
-            o = self.attention(q, k, v)
+        for pair in kv_pairs:
+            o = self.attention(q, pair[0], pair[1])
             out = o if out is None else out + o
         return out
 

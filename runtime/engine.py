@@ -159,7 +159,8 @@ class StreamingEngine:
     def _context_buffers(self):
         if "ctx" not in self._static:
             any_ctx = next(iter(self.contexts.values()))
-            self._static["ctx"] = Context([tuple((k.clone(), v.clone()) for k, v in blk) for blk in any_ctx.per_block])
+            self._static["ctx"] = Context([tuple(tuple(t.clone() for t in pair) for pair in blk)
+                                           for blk in any_ctx.per_block])
             self._static["ctx_name"] = None
         return self._static["ctx"]
 
@@ -169,9 +170,9 @@ class StreamingEngine:
             return buf
         src = self.contexts[name]
         for dst_blk, src_blk in zip(buf.per_block, src.per_block):
-            for (dk, dv), (sk, sv) in zip(dst_blk, src_blk):
-                dk.copy_(sk)
-                dv.copy_(sv)
+            for dst_pair, src_pair in zip(dst_blk, src_blk):      # (k, v) + what the ops prepared from them
+                for dt, st in zip(dst_pair, src_pair, strict=True):
+                    dt.copy_(st)
         self._static["ctx_name"] = name
         return buf
 

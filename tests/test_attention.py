@@ -198,6 +198,8 @@ def test_requantize_k_blocks(sk, device):
     r8, rsc = requantize_k_per_block(k8, ks)
     assert not (a8 == -128).any() and torch.isfinite(asc).all()
     assert torch.allclose(asc, rsc, rtol=1e-6, atol=0)
+    if device == "cpu":
+        assert torch.equal(asc, rsc) and torch.equal(a8, r8)
     assert (a8 != r8).float().mean().item() <= 1e-3      # GPU: torch's scalar division may differ by 1 ulp
     deq = a8.float() * asc.repeat_interleave(128, dim=2)[:, :, :sk].transpose(1, 2)[..., None]
     x = k8.float() * ks.transpose(1, 2)[..., None]
@@ -205,3 +207,37 @@ def test_requantize_k_blocks(sk, device):
     assert ((deq - x).abs() <= bound * (1 + 1e-5)).all()
     with pytest.raises(ValueError, match="k_scale must be fp32"):
         A.requantize_k_blocks(k8, ks[:, :, :5])
+
+
+def test_requantize_k_blocks_ties(device):
+    """x / s on and within a few fp32 ulps of half-integers (both signs): the kernel's x / s is an
+    FMA-corrected product with 1/s and must round like the IEEE quotient there, and exact ties must go
+    away from zero (without the corrections, or with a rounding offset a hair under 1/2, it fails).
+    Block 0: key 0 (k = 127, scale 0.3) sets the block scale s; every other key t has one |k_t| on all
+    channels (random signs) and a scale that puts k_t * ks_t / s at n_t + 1/2, nudged by -2..2 ulps.
+    Block 1: s = 0.375 (key 128: 127 * 0.375), the other keys' scale 0.1875: x / s = k / 2 exactly.
+    Compared with the reference on the CPU (torch on CUDA divides by 127 as a product with 1/127)."""
+    from liveact.kernels.attention_gluon import requantize_k_per_block
+    g = torch.Generator().manual_seed(1)
+    sk, h = 256, 2
+    s = torch.tensor(127 * 0.3, dtype=torch.float32) / 127                 # the block scale the kernel computes
+    kt = torch.randint(1, 128, (sk,), generator=g)
+    nt = (torch.rand(sk, generator=g) * (kt - 1).clamp_max(125)).floor()
+    ks = ((nt + 0.5) * s.double() / kt).float()
+    for step in range(2):                                                  # nudge by (t % 5 - 2) ulps
+        ks = torch.where(torch.arange(sk) % 5 > 2 + step, torch.nextafter(ks, torch.tensor(1.0)), ks)
+        ks = torch.where(torch.arange(sk) % 5 < 2 - step, torch.nextafter(ks, torch.tensor(0.0)), ks)
+    sign = torch.randint(0, 2, (1, sk, h, 128), generator=g) * 2 - 1
+    k8 = (kt[None, :, None, None] * sign).to(torch.int8)
+    k8[0, 128:] = torch.randint(-127, 128, (128, h, 128), generator=g).to(torch.int8)
+    ks[128:] = 0.1875
+    k8[0, ::128], ks[0], ks[128] = 127, 0.3, 0.375
+    ks = ks.expand(1, h, sk).contiguous()
+    k8, ks = k8.to(device), ks.to(device)
+    a8, asc = A.requantize_k_blocks(k8, ks, out=torch.full_like(k8, -128))
+    r8, rsc = requantize_k_per_block(k8.cpu(), ks.cpu())
+    assert rsc[0, 0, 1] == 0.375
+    q = (k8.cpu().float() * ks.cpu().transpose(1, 2)[..., None]).double() / s.double()
+    assert ((q[:, :128].abs() - q[:, :128].abs().floor() - 0.5).abs() < 1e-5).float().mean() > 0.9  # near ties
+    assert (k8[0, 129:].cpu() % 2 == 1).float().mean() > 0.4                                      # exact ties
+    assert torch.equal(asc.cpu(), rsc) and torch.equal(a8.cpu(), r8)

@@ -82,6 +82,10 @@ def test_cross_attention_gpu():
     one = [ops.cross_attention(q, [p]) for p in pairs]             # each context alone, then their bf16 sum
     assert cos(o, one[0] + one[1]) >= 0.99999
     assert torch.equal(ops.cross_attention(q, pairs), o)          # memoized K/V: the same result
+    prepared = [ops.prepare_context_kv(k, v) for k, v in pairs]      # quantized once per prompt
+    assert all(len(p) == 7 and p[0] is k for p, (k, _) in zip(prepared, pairs))
+    assert torch.equal(ops.cross_attention(q, prepared), o)
+    assert ReferenceOps().prepare_context_kv(*pairs[0]) == pairs[0]
 
 
 @pytest.mark.gpu

@@ -116,6 +116,48 @@ def test_rms_norm(k, device):
         nq.rms_norm(torch.randn(3, 200), torch.ones(100), 1e-6)
 
 
+@pytest.mark.parametrize("variant", ["nm", "ln", "rms", "q"])
+def test_even_rows_four_to_one_split(variant, device):
+    """M a multiple of the rows per program (constant-true row masks) and a 4:1 split like 5120 = 4096 + 1024
+    (here 320 = 256 + 64; the 256-part folds onto the 64-part before each row reduction)."""
+    m, k = 64, 320
+    x = _data(m, k, torch.bfloat16, device, seed=13).view(2, 32, k)
+    g = torch.Generator().manual_seed(14)
+    w = (1 + 0.1 * torch.randn(k, generator=g)).to(device, torch.bfloat16)
+    b = (0.05 * torch.randn(k, generator=g)).to(device, torch.bfloat16)
+    shift = (0.2 * torch.randn(1, 1, k, generator=g)).to(device, torch.bfloat16)
+    scale = (0.3 * torch.randn(1, 1, k, generator=g)).to(device, torch.bfloat16)
+    ops = ReferenceOps()
+    if variant == "q":
+        _check_quant(nq.quantize_rows(x), *nq.quantize_rows_ref(x))
+        return
+    if variant == "rms":
+        y, ref = nq.rms_norm(x, w, 1e-6), ops.rms_norm(x, w, 1e-6)
+    elif variant == "nm":
+        y, ref = nq.norm_modulate_quant(x, shift, scale, 1e-6, quant=False), ops.norm_modulate(x, shift, scale, 1e-6)
+        _check_quant(nq.norm_modulate_quant(x, shift, scale, 1e-6), *nq.quantize_rows_ref(ref), tol_codes=0.01,
+                     tol_scale=5e-3)
+    else:
+        y, ref = nq.layer_norm_quant(x, w, b, 1e-6, quant=False), ops.layer_norm(x, w, b, 1e-6)
+        _check_quant(nq.layer_norm_quant(x, w, b, 1e-6), *nq.layer_norm_ref(x, w, b, 1e-6), tol_codes=0.01,
+                     tol_scale=5e-3)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    assert (y != ref).float().mean().item() < 0.01 and _rel(y, ref) < 2e-3
+
+
+def test_quantize_scale_overshoot(device):
+    """Row maxima whose amax * (1 / (amax / 448)) lands just above 448 in fp32 (1.0234375, 1.078125, ...):
+    the code must still be 448 (the GPU relies on cvt.rn.satfinite for this, without a clamp)."""
+    amax = torch.tensor([1.0234375, 1.078125, 1.1328125, 1.1875, -1.2109375, 1.2421875, 1.296875, -1.3203125])
+    x = _data(8, 96, torch.float32, "cpu", seed=15, outliers=()) * 0.1  # |x| < 1: column 7 holds the row max
+    x[:, 7] = amax
+    x = x.to(device=device, dtype=torch.bfloat16)
+    qa = nq.quantize_rows(x)
+    q_ref, s_ref = nq.quantize_rows_ref(x)
+    assert torch.equal(qa.data.view(torch.uint8), q_ref.view(torch.uint8))
+    assert (qa.data[:, 7].float().abs() == 448).all()
+
+
 def test_round_e4m3_matches_torch(device):
     """The in-kernel e4m3 rounding (used because the interpreter's cast is wrong) equals torch's cast,
     including values just below powers of two, subnormals, ties and the clamp at 448."""
