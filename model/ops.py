@@ -156,7 +156,7 @@ class ReferenceOps:
         return torch.cat(outs, dim=2).to(q.dtype), torch.cat(lses, dim=1)
 
     def prepare_context_kv(self, k, v) -> tuple:
-        """A context's (k, v) as cross_attention will take it, once per prompt (DiTBlock.context_kv): a tuple
+        """A context's (k, v) as cross_attention will take it, once per prompt (Block.context_kv): a tuple
         whose first two tensors are k and v; kernel ops may append tensors derived from them (e.g. their
         quantized form), which the engine's static context buffers then hold and refill as well."""
         return (k, v)
