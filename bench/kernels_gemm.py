@@ -169,14 +169,20 @@ def _producer_rows(quick, dev, m=9360, k=5120):
     for _ in range(ROUNDS):
         for row, fn, _n in timed:
             row["times"].append(_bench(fn, quick))
+    rows += _vs_copy([(row, nbytes) for row, _fn, nbytes in timed])
+    return rows
+
+
+def _vs_copy(timed) -> list[dict]:
+    """(row with ROUNDS interleaved times, bytes moved), the first row a same-size copy -> the rows with the
+    median ms, TB/s and ratio = TB/s / the copy's."""
     copy_tbps = None
-    for row, _fn, nbytes in timed:
+    for row, nbytes in timed:
         row["ms"] = sorted(row.pop("times"))[ROUNDS // 2]
         row["tbps"] = nbytes / row["ms"] * 1e-9
         copy_tbps = copy_tbps or row["tbps"]
         row["ratio"] = row["tbps"] / copy_tbps
-        rows.append(row)
-    return rows
+    return [row for row, _ in timed]
 
 
 def run(device="cuda", quick=False) -> list[dict]:
@@ -356,13 +362,7 @@ def _sweep_producer(device, quick, m=9360):
                     row["times"].append(_bench(fn, quick))
         finally:
             nq.SETTINGS_OVERRIDE = None
-        copy_tbps = None
-        for row, _ov, _fn, nbytes in timed:
-            row["ms"] = sorted(row.pop("times"))[ROUNDS // 2]
-            row["tbps"] = nbytes / row["ms"] * 1e-9
-            copy_tbps = copy_tbps or row["tbps"]
-            row["ratio"] = row["tbps"] / copy_tbps
-            rows.append(row)
+        rows += _vs_copy([(row, nbytes) for row, _ov, _fn, nbytes in timed])
     return rows
 
 
