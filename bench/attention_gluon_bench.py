@@ -76,7 +76,7 @@ def worker(name: str, quick: bool) -> dict:
     kblock = name != "baseline" and G.CONFIGS[name].get("KBLOCK", False)
     if kblock:
         kv_tok = kv
-        kv = _kblock_kv(kv)                                       # per-block keys, per-block scales
+        kv = G.requantize_kv_per_block(kv)                        # per-block keys, per-block scales
         kv_t = A.QuantKV(kv.k8, G.per_key_scales(kv.k_scale, sk), kv.vt, kv.v_scale, kv.km)  # same, per key
         ref_t = A.attention_quant_prepared(q8, qs, kv_t, autotune=False)
     else:
@@ -122,7 +122,7 @@ def worker(name: str, quick: bool) -> dict:
         qa8, qas = A.quantize_q(qa)
         kva = A.quantize_kv(ka, va)
         if kblock:
-            kva = _kblock_kv(kva)
+            kva = G.requantize_kv_per_block(kva)
             kva_t = A.QuantKV(kva.k8, G.per_key_scales(kva.k_scale, ska), kva.vt, kva.v_scale, kva.km)
             oa_t, la_t = A.attention_quant_prepared(qa8, qas, kva_t, return_lse=True, autotune=False)
         else:
@@ -141,14 +141,6 @@ def worker(name: str, quick: bool) -> dict:
     return res
 
 
-def _kblock_kv(kv):
-    """quantize_kv output -> the same keys requantized with one scale per 128-key block."""
-    from liveact.kernels import attention as A
-    from liveact.kernels import attention_gluon as G
-    k8b, ksb = G.requantize_k_per_block(kv.k8, kv.k_scale, G.BLOCK_N)
-    return A.QuantKV(k8b, ksb, kv.vt, kv.v_scale, kv.km)
-
-
 def kblock_probe(configs: list[str]) -> None:
     """NaN / accuracy probe of the KBLOCK configs on small shapes (out and LSE poisoned, 3 runs each), including
     Sk = 1 with smoothed keys (all keys equal the mean: zero keys, scale 1e-12/127), then a short timing at the
@@ -164,9 +156,8 @@ def kblock_probe(configs: list[str]) -> None:
         q, k, v = _inputs(b, sq, sk, h, seed=10 + ci)
         q8, qs = A.quantize_q(q)
         kv = A.quantize_kv(k, v, smooth=smooth)
-        k8b, ksb = G.requantize_k_per_block(kv.k8, kv.k_scale)
-        kvb = A.QuantKV(k8b, ksb, kv.vt, kv.v_scale, kv.km)
-        kvt = A.QuantKV(k8b, G.per_key_scales(ksb, sk), kv.vt, kv.v_scale, kv.km)
+        kvb = G.requantize_kv_per_block(kv)
+        kvt = A.QuantKV(kvb.k8, G.per_key_scales(kvb.k_scale, sk), kv.vt, kv.v_scale, kv.km)
         o_t, l_t = A.attention_quant_prepared(q8, qs, kvt, return_lse=True, autotune=False)
         for name in configs:
             kvx = kv if not G.CONFIGS[name].get("KBLOCK", False) else kvb
@@ -192,8 +183,7 @@ def kblock_probe(configs: list[str]) -> None:
     q, k, v = _inputs(b, sq, sk, h, seed=1)
     q8, qs = A.quantize_q(q)
     kv = A.quantize_kv(k, v)
-    k8b, ksb = G.requantize_k_per_block(kv.k8, kv.k_scale)
-    kvb = A.QuantKV(k8b, ksb, kv.vt, kv.v_scale, kv.km)
+    kvb = G.requantize_kv_per_block(kv)
     out = torch.empty_like(q)
     ref = G.attention_gluon(q8, qs, kvb, config="plain_s2_kblock")
     for name in configs:

@@ -128,6 +128,8 @@ import math
 
 import torch
 
+from .attention import QuantKV
+
 try:  # gluon ships with triton >= 3.5; keep import errors out of available()
     import triton
     from triton.experimental import gluon
@@ -626,6 +628,12 @@ def requantize_k_per_block(k8: torch.Tensor, k_scale: torch.Tensor, block: int =
         raise ValueError("requantize_k_per_block: block must be >= 1")
     x = k8.float() * k_scale.float().transpose(1, 2)[..., None]          # [B, Sk, H, D]
     return _quantize_k_blocks(x, block)
+
+
+def requantize_kv_per_block(kv, block: int = BLOCK_N):
+    """A QuantKV with per-key int8 keys (quantize_kv) -> the same QuantKV with its keys requantized to one scale
+    per `block` keys (requantize_k_per_block; values, V and km unchanged)."""
+    return QuantKV(*requantize_k_per_block(kv.k8, kv.k_scale, block), kv.vt, kv.v_scale, kv.km)
 
 
 def _quantize_k_blocks(x: torch.Tensor, block: int):

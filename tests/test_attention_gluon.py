@@ -91,6 +91,11 @@ def test_requantize_k_per_block(b, sk, h):
     assert s1.item() == pytest.approx(2 / 127) and q1[0, 0, 0, :4].tolist() == [127, -64, 64, 0]
     with pytest.raises(ValueError, match="per-key scale"):
         G.requantize_k_per_block(k8, torch.ones(b, h + 1, sk))
+    # the QuantKV form: the same keys and scales, V and km passed through
+    vt, vs, km = torch.zeros(b, h, 128, 16), torch.rand(b, h, 128), torch.rand(b, h, 128)
+    kvb = G.requantize_kv_per_block(A.QuantKV(k8, ks, vt, vs, km))
+    assert torch.equal(kvb.k8, k8b) and torch.equal(kvb.k_scale, ksb)
+    assert kvb.vt is vt and kvb.v_scale is vs and kvb.km is km
 
 
 def test_kblock_dispatch_by_scale_shape():
@@ -138,9 +143,8 @@ def test_gluon_kblock_matches_triton_and_fp32(b, sq, sk, h, config):
     q, k, v = dit_like(b, sq, sk, h, DEV, seed=sk + b + 1)
     q8, qs = A.quantize_q(q)
     kv = A.quantize_kv(k, v)
-    k8b, ksb = G.requantize_k_per_block(kv.k8, kv.k_scale)
-    kvb = A.QuantKV(k8b, ksb, kv.vt, kv.v_scale, kv.km)
-    kvt = A.QuantKV(k8b, G.per_key_scales(ksb, sk), kv.vt, kv.v_scale, kv.km)
+    kvb = G.requantize_kv_per_block(kv)
+    kvt = A.QuantKV(kvb.k8, G.per_key_scales(kvb.k_scale, sk), kv.vt, kv.v_scale, kv.km)
     o_t, l_t = A.attention_quant_prepared(q8, qs, kvt, return_lse=True, autotune=False)
     out = torch.full_like(o_t, float("nan"))
     lse = torch.full_like(l_t, float("nan"))
@@ -170,9 +174,8 @@ def test_gluon_kblock_real_shape_few_heads():
     q, k, v = dit_like(1, 9360, 16380, 4, DEV, seed=8)
     q8, qs = A.quantize_q(q)
     kv = A.quantize_kv(k, v)
-    k8b, ksb = G.requantize_k_per_block(kv.k8, kv.k_scale)
-    kvb = A.QuantKV(k8b, ksb, kv.vt, kv.v_scale, kv.km)
-    kvt = A.QuantKV(k8b, G.per_key_scales(ksb, 16380), kv.vt, kv.v_scale, kv.km)
+    kvb = G.requantize_kv_per_block(kv)
+    kvt = A.QuantKV(kvb.k8, G.per_key_scales(kvb.k_scale, 16380), kv.vt, kv.v_scale, kv.km)
     o_t, l_t = A.attention_quant_prepared(q8, qs, kvt, return_lse=True, autotune=False)
     out = torch.full_like(o_t, float("nan"))
     lse = torch.full_like(l_t, float("nan"))
@@ -192,10 +195,7 @@ def test_gluon_accumulate_is_the_bf16_sum():
     q, k1, v1 = dit_like(1, 200, 512, 2, DEV, seed=11)
     _, k2, v2 = dit_like(1, 200, 257, 2, DEV, seed=12)
     q8, qs = A.quantize_q(q)
-    kvs = []
-    for k, v in ((k1, v1), (k2, v2)):
-        kv = A.quantize_kv(k, v)
-        kvs.append(A.QuantKV(*G.requantize_k_per_block(kv.k8, kv.k_scale), kv.vt, kv.v_scale, kv.km))
+    kvs = [G.requantize_kv_per_block(A.quantize_kv(k, v)) for k, v in ((k1, v1), (k2, v2))]
     o1, o2 = (G.attention_gluon(q8, qs, kv, config="plain_s2_kblock_3cta") for kv in kvs)
     out = torch.full_like(o1, float("nan"))
     G.attention_gluon(q8, qs, kvs[0], out=out, config="plain_s2_kblock_3cta")
@@ -219,9 +219,8 @@ def test_gluon_kblock_bad_scales():
         G.attention_gluon(q8, qs, bad)
     with pytest.raises(ValueError, match="unknown config"):
         G.attention_gluon(q8, qs, kv, config="nope")
-    k8b, ksb = G.requantize_k_per_block(kv.k8, kv.k_scale)
     with pytest.raises(ValueError, match="plain_s2_kblock"):             # per-block scales, untested schedule
-        G.attention_gluon(q8, qs, A.QuantKV(k8b, ksb, kv.vt, kv.v_scale, kv.km), config="ws_pp")
+        G.attention_gluon(q8, qs, G.requantize_kv_per_block(kv), config="ws_pp")
 
 
 @pytest.mark.gpu
