@@ -4,15 +4,8 @@
 #   bash bench/run_gpu_session2.sh e2e       # end-to-end FPS (+ profile), variants, accuracy vs the reference path
 #   bash bench/run_gpu_session2.sh e2e2      # the same after the fused RMSNorm, + VAE decode
 #   bash bench/run_gpu_session2.sh final     # defaults at the end of the session (auto attention kernel, SDPA cross)
-#   bash bench/run_gpu_session2.sh kblock    # auto = Gluon with per-128-key-block K scales
-source bench/devenv.sh
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-LOG="$OUT/log_$1.txt"
-L() { echo "== $*" | tee -a "$LOG"; }
-nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw --format=csv,noheader | tee -a "$LOG"
-C="python3 -m liveact.tools.cli"
-B="$C bench fps --preset liveact-18b --size 416*720 --no-progress --ops triton --fp8-kv-cache"
-S="steady_fps|ms_per_step_steady|time_to_first_chunk|peak_mem|ops |sm_clock|ms_vae_steady"
+#   (the per-block K scale runs it prepared were made by bench/run_gpu_session3.sh kblock1 / kblock2)
+source bench/gpu_session_lib.sh "$1"
 if [ "$1" = kernels ]; then
   # sageattention 1.0.6 (the baseline the attention table names) is not in the image: carry its wheel
   if ls .whl/sageattention-*.whl >/dev/null 2>&1; then
@@ -40,22 +33,8 @@ if [ "$1" = final ]; then
   $B --chunks 8 --warmup 3 --fast-accum --json "$OUT/fps_final_fast.json" 2>&1 | grep -E "$S" | tee -a "$LOG"
   $B --chunks 7 --warmup 3 --fast-accum --vae --json "$OUT/fps_final_fast_vae.json" 2>&1 | grep -E "$S" | tee -a "$LOG"
   L "accuracy after 3 chunks vs the reference path: default / fast-accum"
-  python3 -m liveact.bench.accuracy --preset liveact-18b --size 416*720 --chunks 3 --ops triton --fp8-kv-cache \
-    --json "$OUT/accuracy_final.json" 2>&1 | tail -4 | tee -a "$LOG"
-  python3 -m liveact.bench.accuracy --preset liveact-18b --size 416*720 --chunks 3 --ops triton --fp8-kv-cache \
-    --fast-accum --json "$OUT/accuracy_final_fast.json" 2>&1 | tail -4 | tee -a "$LOG"
-fi
-if [ "$1" = kblock ]; then
-  L "gpu tests: requantize_k_blocks, attention ops (gluon / gluon-kblock), gluon kblock configs"
-  timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_attention.py tests/test_attention_ops.py \
-    tests/test_attention_gluon.py -k "requantize or gluon or cross or kblock" 2>&1 | tail -3 | tee -a "$LOG"
-  L "defaults with --attention-kernel auto = gluon-kblock: precise / fast-accum / fast-accum + VAE"
-  $B --chunks 7 --warmup 3 --json "$OUT/fps_kblock.json" 2>&1 | grep -E "$S" | tee -a "$LOG"
-  $B --chunks 7 --warmup 3 --fast-accum --json "$OUT/fps_kblock_fast.json" 2>&1 | grep -E "$S" | tee -a "$LOG"
-  $B --chunks 7 --warmup 3 --fast-accum --vae --json "$OUT/fps_kblock_fast_vae.json" 2>&1 | grep -E "$S" | tee -a "$LOG"
-  L "accuracy after 3 chunks vs the reference path (auto = gluon-kblock, fast-accum)"
-  python3 -m liveact.bench.accuracy --preset liveact-18b --size 416*720 --chunks 3 --ops triton --fp8-kv-cache \
-    --fast-accum --json "$OUT/accuracy_kblock_fast.json" 2>&1 | tail -4 | tee -a "$LOG"
+  $A --json "$OUT/accuracy_final.json" 2>&1 | tail -4 | tee -a "$LOG"
+  $A --fast-accum --json "$OUT/accuracy_final_fast.json" 2>&1 | tail -4 | tee -a "$LOG"
 fi
 if [ "$1" = e2e2 ]; then
   L "triton ops + fused RMSNorm: default / gluon + fast-accum, FP8 KV cache, CUDA graphs"
@@ -64,8 +43,7 @@ if [ "$1" = e2e2 ]; then
   L "same + streaming VAE decode (416x720, then 480x832 / 512x512)"
   $B --chunks 7 --warmup 3 --attention-kernel gluon --fast-accum --vae --json "$OUT/fps_gluon_fast_vae.json" 2>&1 | grep -E "$S" | tee -a "$LOG"
   L "accuracy after 3 chunks vs the reference path, gluon + fast-accum, with the fused RMSNorm"
-  python3 -m liveact.bench.accuracy --preset liveact-18b --size 416*720 --chunks 3 --ops triton --fp8-kv-cache \
-    --attention-kernel gluon --fast-accum --json "$OUT/accuracy_gluon_fast_rms.json" 2>&1 | tail -4 | tee -a "$LOG"
+  $A --attention-kernel gluon --fast-accum --json "$OUT/accuracy_gluon_fast_rms.json" 2>&1 | tail -4 | tee -a "$LOG"
 fi
 if [ "$1" = e2e ]; then
   L "triton ops (precise FP8 GEMMs, Triton attention), FP8 KV cache, CUDA graphs, + profile of one chunk"
@@ -75,8 +53,6 @@ if [ "$1" = e2e ]; then
   L "same, Gluon self-attention + fast-accumulation GEMMs"
   $B --chunks 7 --warmup 3 --attention-kernel gluon --fast-accum --json "$OUT/fps_gluon_fast.json" 2>&1 | grep -E "$S" | tee -a "$LOG"
   L "accuracy after 3 chunks vs the reference path: default triton ops / gluon + fast-accum"
-  python3 -m liveact.bench.accuracy --preset liveact-18b --size 416*720 --chunks 3 --ops triton --fp8-kv-cache \
-    --json "$OUT/accuracy.json" 2>&1 | tail -4 | tee -a "$LOG"
-  python3 -m liveact.bench.accuracy --preset liveact-18b --size 416*720 --chunks 3 --ops triton --fp8-kv-cache \
-    --attention-kernel gluon --fast-accum --json "$OUT/accuracy_gluon_fast.json" 2>&1 | tail -4 | tee -a "$LOG"
+  $A --json "$OUT/accuracy.json" 2>&1 | tail -4 | tee -a "$LOG"
+  $A --attention-kernel gluon --fast-accum --json "$OUT/accuracy_gluon_fast.json" 2>&1 | tail -4 | tee -a "$LOG"
 fi

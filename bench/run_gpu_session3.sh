@@ -4,15 +4,7 @@
 #   bash bench/run_gpu_session3.sh kblock2   # kblock fast + VAE; accuracy after 3 chunks (precise, fast)
 #   bash bench/run_gpu_session3.sh final     # GPU tests of the last changes, FPS default (+ profile) / fast /
 #                                            # fast + VAE, accuracy (what the last device budget allowed)
-source bench/devenv.sh
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-LOG="$OUT/log_$1.txt"
-L() { echo "== $* ($(date +%T))" | tee -a "$LOG"; }
-nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw --format=csv,noheader | tee -a "$LOG"
-C="python3 -m liveact.tools.cli"
-B="$C bench fps --preset liveact-18b --size 416*720 --no-progress --ops triton --fp8-kv-cache"
-A="python3 -m liveact.bench.accuracy --preset liveact-18b --size 416*720 --chunks 3 --ops triton --fp8-kv-cache"
-S="steady_fps|ms_per_step_steady|time_to_first_chunk|peak_mem|ops |sm_clock|ms_vae_steady"
+source bench/gpu_session_lib.sh "$1"
 if [ "$1" = kblock1 ]; then
   L "gpu tests: requantize_k_blocks, attention ops (gluon / gluon-kblock), gluon kblock configs"
   timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_attention.py tests/test_attention_ops.py \
