@@ -41,6 +41,7 @@ from . import qk_prep as P
 
 
 ATTENTION_KERNELS = ("auto", "triton", "gluon", "gluon-kblock")
+KBLOCK_CONFIG = "plain_s2_kblock_3cta"   # the Gluon config "gluon-kblock" runs (self- and cross-attention)
 
 
 class TritonAttentionOps(ReferenceOps):
@@ -91,12 +92,15 @@ class TritonAttentionOps(ReferenceOps):
         return ent[1], ent[2]
 
     @staticmethod
-    def _quantize_kv(k, v, block: int) -> A.QuantKV:
+    def _per_block(kv: A.QuantKV, block: int) -> A.QuantKV:
+        """kv with its per-key int8 keys requantized to one K scale per `block` keys (requantize_k_blocks: the
+        Gluon per-block kernel's input)."""
+        return A.QuantKV(*A.requantize_k_blocks(kv.k8, kv.k_scale, block=block), kv.vt, kv.v_scale, kv.km)
+
+    @classmethod
+    def _quantize_kv(cls, k, v, block: int) -> A.QuantKV:
         kv = A.quantize_kv(k, v)
-        if block:   # one K scale per `block` keys (the Gluon per-block kernel)
-            k8, ks = A.requantize_k_blocks(kv.k8, kv.k_scale, block=block)
-            kv = A.QuantKV(k8, ks, kv.vt, kv.v_scale, kv.km)
-        return kv
+        return cls._per_block(kv, block) if block else kv
 
     def _quant_kv(self, k, v, block: int = 0) -> A.QuantKV:
         """Quantized K/V (per key, or one K scale per `block` keys), memoized: cross/audio context K/V are
@@ -153,8 +157,8 @@ class TritonAttentionOps(ReferenceOps):
             out = None
             for pair in kv_pairs:
                 A._check_qkv(q, pair[0], pair[1])
-                kv = A.QuantKV(*pair[2:]) if len(pair) == 7 else self._quant_kv(pair[0], pair[1], block=G.BLOCK_N)
-                out = G.attention_gluon(q8, qs, kv, out=out, accumulate=out is not None, config="plain_s2_kblock_3cta")
+                kv = A.QuantKV(*pair[2:]) if len(pair) > 2 else self._quant_kv(pair[0], pair[1], block=G.BLOCK_N)
+                out = G.attention_gluon(q8, qs, kv, out=out, accumulate=out is not None, config=KBLOCK_CONFIG)
             return out
         kv_pairs = [(pair[0], pair[1]) for pair in kv_pairs]
         if q.is_cuda and not self.force:   # GPU: SDPA (flash) measured faster at 769 keys: the reference math
@@ -248,8 +252,7 @@ class TritonAttentionOps(ReferenceOps):
                 from . import attention_gluon as G
                 kv, config = A.QuantKV(*kvp), G.DEFAULT_CONFIG
                 if kernel == "gluon-kblock":
-                    k8, ks = A.requantize_k_blocks(kv.k8, kv.k_scale, block=G.BLOCK_N)
-                    kv, config = A.QuantKV(k8, ks, kv.vt, kv.v_scale, kv.km), "plain_s2_kblock_3cta"
+                    kv, config = self._per_block(kv, G.BLOCK_N), KBLOCK_CONFIG
                 return G.attention_gluon(qp[1], qp[2], kv, return_lse=return_lse, config=config)
             return A.attention_quant_prepared(qp[1], qp[2], A.QuantKV(*kvp), return_lse=return_lse,
                                               autotune=self.autotune)
