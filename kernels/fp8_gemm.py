@@ -29,8 +29,14 @@ candidate that compiles is kept).  Picked as the steadiest over two sweeps (benc
     accurate  256x128 s3 C-subtiled (every epilogue; 993-1052 TFLOP/s plain)
     fast      128x256 s4 C-subtiled (1241-1336 TFLOP/s plain)
     M < 1024  128x128 s4
-C-subtiled = the C tile leaves as two TMA stores of BN/2 columns (half the shared memory): the residual epilogues
-only fit with it at 256x128 (the compiler needs ~64 KB of layout-conversion scratch for them).
+C-subtiled = the epilogue runs on the two column halves of the accumulator (a register-only split) and each half
+leaves as its own TMA store of BN/2 columns: half the live epilogue registers and half the C tile in shared memory.
+The residual loads use 32-bit offsets unless M * stride >= 2^31 (R64).  Before (whole-tile epilogue, 64-bit
+offsets) the gated-residual kernel spilled (ptxas sm_90a: 2416 B of spill stores; Nsight Compute: 1.9 M local
+spill requests per O-proj call); now no spills, and the epilogue kernels run 1.03-1.055x faster in an A/B of one
+process (bench/NOTES.md, session 4).  GELU uses tanh.approx.f32 (one MUFU op per element instead of ex2 + a
+division; max rel. error of tanh.approx ~2^-11, below the bf16 output rounding); the interpreter keeps the
+sigmoid form.
 Measured on the H100: see bench/NOTES.md (FP8 GEMM section) and `liveact bench kernels --only gemm`; explicit
 config sweeps with `python -m liveact.bench.kernels_gemm --sweep`.  Small M (257 x 768 -> 10240): GPU time
 ~11-17 us but ~100 us of Python per call (descriptors): capture in a CUDA graph.
@@ -73,7 +79,7 @@ def _fp8_gemm_kernel(a_desc, w_desc, c_desc, SA, SW, BIAS, GATE, R,
                      MANUAL: tl.constexpr, OUT_DTYPE: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, SUBTILE: tl.constexpr = False,
-                     WARP_SPEC: tl.constexpr = False, PROMOTE: tl.constexpr = 128):
+                     WARP_SPEC: tl.constexpr = False, PROMOTE: tl.constexpr = 128, R64: tl.constexpr = True):
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -96,42 +102,65 @@ def _fp8_gemm_kernel(a_desc, w_desc, c_desc, SA, SW, BIAS, GATE, R,
             else:
                 acc = tl.dot(a, w.T, acc, max_num_imprecise_acc=PROMOTE)
 
-        # ---- epilogue, fp32 in registers
+        # ---- epilogue, fp32 in registers; with SUBTILE in two halves of BLOCK_N / 2 columns (the halves are
+        # register-only splits of the accumulator: half the live epilogue registers and a C tile of half the size)
         rm = off_m + tl.arange(0, BLOCK_M)
-        rn = off_n + tl.arange(0, BLOCK_N)
-        mm = rm < M
-        mn = rn < N
-        sa = tl.load(SA + rm, mask=mm, other=0.0)
-        sw = tl.load(SW + rn, mask=mn, other=0.0)
-        y = acc * sa[:, None] * sw[None, :]
-        if HAS_BIAS:
-            y = y + tl.load(BIAS + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
-        if EPILOGUE == 1:  # GELU(tanh) of the rounded linear output: x * sigmoid(2u)
-            y = _round_to(y, OUT_DTYPE, MANUAL)
-            u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
-            y = y * tl.sigmoid(tl.minimum(tl.maximum(2.0 * u, -80.0), 80.0))
-        elif EPILOGUE >= 2:
-            y = _round_to(y, OUT_DTYPE, MANUAL)
-            if EPILOGUE == 2:
-                g = tl.load(GATE + rn, mask=mn, other=0.0).to(tl.float32)
-                y = _round_to(y * g[None, :], OUT_DTYPE, MANUAL)
-            else:
-                y = tl.where(((rm % rows_per_batch) < skip_rows)[:, None], 0.0, y)
-            r_ptrs = R + rm.to(tl.int64)[:, None] * stride_r + rn[None, :]
-            r = tl.load(r_ptrs, mask=mm[:, None] & mn[None, :], other=0.0).to(tl.float32)
-            y = r + y
-        y = _round_to(y, OUT_DTYPE, MANUAL)
-        if SUBTILE:  # two TMA stores of BLOCK_N / 2 columns: half the shared memory for the C tile
-            y0, y1 = tl.split(tl.permute(tl.reshape(y, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-            c_desc.store([off_m, off_n], y0.to(OUT_DTYPE))
-            c_desc.store([off_m, off_n + BLOCK_N // 2], y1.to(OUT_DTYPE))
+        if SUBTILE:
+            acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            rn0 = off_n + tl.arange(0, BLOCK_N // 2)
+            c_desc.store([off_m, off_n], _epilogue(acc0, rm, rn0, M, N, SA, SW, BIAS, GATE, R, stride_r, skip_rows,
+                                                   rows_per_batch, EPILOGUE, HAS_BIAS, MANUAL, OUT_DTYPE, R64))
+            c_desc.store([off_m, off_n + BLOCK_N // 2],
+                         _epilogue(acc1, rm, rn0 + BLOCK_N // 2, M, N, SA, SW, BIAS, GATE, R, stride_r, skip_rows,
+                                   rows_per_batch, EPILOGUE, HAS_BIAS, MANUAL, OUT_DTYPE, R64))
         else:
-            c_desc.store([off_m, off_n], y.to(OUT_DTYPE))
+            c_desc.store([off_m, off_n], _epilogue(acc, rm, off_n + tl.arange(0, BLOCK_N), M, N, SA, SW, BIAS, GATE, R,
+                                                   stride_r, skip_rows, rows_per_batch, EPILOGUE, HAS_BIAS, MANUAL,
+                                                   OUT_DTYPE, R64))
+
+
+@triton.jit
+def _epilogue(acc, rm, rn, M, N, SA, SW, BIAS, GATE, R, stride_r, skip_rows, rows_per_batch,
+              EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, MANUAL: tl.constexpr, OUT_DTYPE: tl.constexpr,
+              R64: tl.constexpr):
+    """acc [rows rm, cols rn] fp32 -> the output tile (OUT_DTYPE): scales, bias, then the EPILOGUE."""
+    mm = rm < M
+    mn = rn < N
+    sa = tl.load(SA + rm, mask=mm, other=0.0)
+    sw = tl.load(SW + rn, mask=mn, other=0.0)
+    y = acc * sa[:, None] * sw[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(BIAS + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
+    if EPILOGUE == 1:  # GELU(tanh) of the rounded linear output
+        y = _round_to(y, OUT_DTYPE, MANUAL)
+        u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+        if MANUAL:   # interpreter (no inline asm): x * sigmoid(2u) = x * (1 + tanh u) / 2
+            y = y * tl.sigmoid(tl.minimum(tl.maximum(2.0 * u, -80.0), 80.0))
+        else:        # one MUFU op per element instead of ex2 + rcp (max rel. error of tanh.approx ~2^-11)
+            t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [u], dtype=tl.float32,
+                                          is_pure=True, pack=1)
+            y = 0.5 * y + 0.5 * y * t
+    elif EPILOGUE >= 2:
+        y = _round_to(y, OUT_DTYPE, MANUAL)
+        if EPILOGUE == 2:
+            g = tl.load(GATE + rn, mask=mn, other=0.0).to(tl.float32)
+            y = _round_to(y * g[None, :], OUT_DTYPE, MANUAL)
+        else:
+            y = tl.where(((rm % rows_per_batch) < skip_rows)[:, None], 0.0, y)
+        if R64:
+            r_ptrs = R + rm.to(tl.int64)[:, None] * stride_r + rn[None, :]
+        else:   # 32-bit offsets: 64-bit pointer math per element costs registers the epilogue does not have
+            r_ptrs = R + (rm[:, None] * stride_r + rn[None, :])
+        r = tl.load(r_ptrs, mask=mm[:, None] & mn[None, :], other=0.0).to(tl.float32)
+        y = r + y
+    return _round_to(y, OUT_DTYPE, MANUAL).to(OUT_DTYPE)
 
 
 # --------------------------------------------------------------------------------------------- host
-def _cfg(bm, bn, bk, stages, warps=8, subtile=False, ws=False):
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SUBTILE=subtile, WARP_SPEC=ws, num_stages=stages, num_warps=warps)
+def _cfg(bm, bn, bk, stages, warps=8, subtile=False, ws=False, ctas=1):
+    """One launch config; ctas = persistent programs per SM (1, or 2 for tiles small enough to co-reside)."""
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SUBTILE=subtile, WARP_SPEC=ws, CTAS_PER_SM=ctas,
+                num_stages=stages, num_warps=warps)
 
 
 # Fixed per-shape configs (no autotuner: its picks drifted by up to 10 % between runs, bench/NOTES.md).
@@ -227,7 +256,8 @@ def fp8_gemm(a, a_scale: Optional[torch.Tensor], w: torch.Tensor, w_scale: torch
     r = residual if needs_res else out
     args = dict(SA=sa, SW=sw, BIAS=b, GATE=g, R=r, M=m, N=n, K=k, stride_r=r.stride(0),
                 skip_rows=int(skip_rows), rows_per_batch=int(rows_per_batch or m),
-                EPILOGUE=EPILOGUES[epilogue], HAS_BIAS=bias is not None, FAST_ACC=bool(fast_accum),
+                R64=m * r.stride(0) >= 2 ** 31, EPILOGUE=EPILOGUES[epilogue], HAS_BIAS=bias is not None,
+                FAST_ACC=bool(fast_accum),
                 MANUAL=interpreting(), OUT_DTYPE=_TL_DTYPES[out_dtype])
     if config is None and not interpreting():
         if m < 1024:
@@ -252,14 +282,15 @@ def _launch(a, w, out, args, cfg):
     n = w.shape[0]
     cfg.setdefault("GROUP_M", 8)
     cfg.setdefault("PROMOTE", min(cfg["BLOCK_K"], 128))
-    nsm = cfg.pop("NUM_SMS", None) or (_sms(a.device) if a.is_cuda else 4)
+    ctas = cfg.pop("CTAS_PER_SM", 1)
+    nsm = cfg.pop("NUM_SMS", None) or (_sms(a.device) if a.is_cuda else 4) * ctas
     launch = {key: cfg.pop(key) for key in ("num_warps", "num_stages") if key in cfg}
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     a_d = TensorDescriptor(a, [m, k], [a.stride(0), 1], [bm, bk])
     w_d = TensorDescriptor(w, [n, k], [w.stride(0), 1], [bn, bk])
     c_d = TensorDescriptor(out, [m, n], [n, 1], [bm, bn // 2 if cfg.get("SUBTILE") else bn])
     grid = (min(nsm, triton.cdiv(m, bm) * triton.cdiv(n, bn)),)
-    _fp8_gemm_kernel[grid](a_d, w_d, c_d, NUM_SMS=nsm, **args, **cfg, **launch)
+    _fp8_gemm_kernel[grid](a_d, w_d, c_d, NUM_SMS=nsm, **{**args, **cfg}, **launch)   # cfg may override R64
     return out
 
 

@@ -42,14 +42,18 @@ def _problem(m, k, n, device, dtype=torch.bfloat16, seed=0):
 
 
 @pytest.mark.parametrize("epilogue", ["none", "gelu", "gated_residual", "residual"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_epilogues_edge_shape(epilogue, dtype, device):
+@pytest.mark.parametrize("dtype,layout", [(torch.bfloat16, "whole"), (torch.float32, "whole"),
+                                          (torch.bfloat16, "subtile"), (torch.bfloat16, "subtile_r64")])
+def test_epilogues_edge_shape(epilogue, dtype, layout, device):
+    """layout: the epilogue on the whole tile, or (GPU default) on two column halves, with 32- or 64-bit
+    residual offsets (R64; the host picks 64-bit only when M * N >= 2^31)."""
     m, k, n = 70, 96, 72  # 3 x 3 partial tiles of 32, K = 3 tiles, 9 tiles on 3 persistent programs
     x, w, bias, gate, res = _problem(m, k, n, device, dtype)
     qa = nq.quantize_rows(x)
     wq, ws = quantize_weight(w)
     kw = dict(bias=bias, epilogue=epilogue, residual=res, gate=gate, skip_rows=5, rows_per_batch=35)
-    out = fp8_gemm(qa, None, wq, ws, config=SMALL, **kw)
+    cfg = dict(SMALL, SUBTILE=layout != "whole", **({"R64": True} if layout == "subtile_r64" else {}))
+    out = fp8_gemm(qa, None, wq, ws, config=cfg, **kw)
     ref = fp8_gemm_ref(qa, None, wq, ws, out_dtype=dtype, **kw)
     assert out.dtype == dtype and out.shape == (m, n) and torch.isfinite(out).all()
     assert _rel(out, ref) < (1e-5 if dtype == torch.float32 else 2e-3)
@@ -90,6 +94,21 @@ def test_no_bias_fast_accum_and_inplace(device):
     r = res.clone()
     out = fp8_gemm(qa, None, wq, ws, epilogue="gated_residual", residual=r, gate=gate, out=r, config=SMALL)
     assert out.data_ptr() == r.data_ptr() and _rel(r, ref) < 2e-3
+
+
+@pytest.mark.parametrize("epilogue", ["gated_residual", "residual"])
+@pytest.mark.parametrize("subtile", [False, True])
+def test_residual_epilogues_round_like_torch(epilogue, subtile, device):
+    """The fused residual epilogues equal the published bf16 chain bit for bit: y = the plain GEMM's bf16
+    output, then (gated) bf16(y * gate) and bf16(residual + that) -- PyTorch's own rounding, step by step."""
+    m, k, n = 70, 96, 72
+    x, w, bias, gate, res = _problem(m, k, n, device, seed=21)
+    qa, (wq, ws) = nq.quantize_rows(x), quantize_weight(w)
+    cfg = dict(SMALL, SUBTILE=subtile)
+    y = fp8_gemm(qa, None, wq, ws, bias=bias, config=dict(cfg))
+    want = res + y * gate if epilogue == "gated_residual" else res + y
+    out = fp8_gemm(qa, None, wq, ws, bias=bias, epilogue=epilogue, residual=res, gate=gate, config=dict(cfg))
+    assert torch.equal(out, want)
 
 
 def test_weight_quantization():
@@ -144,3 +163,9 @@ def test_real_epilogues(epilogue):
     out = fp8_gemm(qa, None, wq, ws, **kw)
     ref = fp8_gemm_ref(qa, None, wq, ws, **kw)
     assert torch.isfinite(out).all() and _rel(out, ref) < 5e-3
+    if epilogue != "gelu":   # the rounding chain of the published bf16 code, bit for bit (table config)
+        y = fp8_gemm(qa, None, wq, ws, bias=bias)
+        want = res + y * gate if epilogue == "gated_residual" else res + y
+        if epilogue == "residual":
+            want[:1170] = res[:1170]   # skip_rows keep the residual
+        assert torch.equal(out, want)
