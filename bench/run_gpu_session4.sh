@@ -59,3 +59,18 @@ if [ "$1" = measure ]; then
   L "accuracy after 3 chunks vs the reference path, fast accumulation"
   $A --fast-accum --json "$OUT/accuracy_s4_fast.json" 2>&1 | tail -3 | tee -a "$LOG"
 fi
+if [ "$1" = cross ]; then
+  # bash bench/run_gpu_session4.sh cross   # both cross-attention contexts in one Gluon launch (kv2): GPU tests,
+  #                                         # the attention table (self, producers, cross rows), FPS default + profile
+  L "gpu tests: Gluon attention, attention ops, fp8_gemm (rounding chain), runtime"
+  timeout 260 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_attention_gluon.py tests/test_attention_ops.py \
+    tests/test_fp8_gemm.py tests/test_gpu_runtime.py 2>&1 | tail -4 | tee -a "$LOG"
+  L "liveact bench kernels --only attention"
+  timeout 200 $C bench kernels --only attention --json "$OUT/attention_bench4.json" > "$OUT/attention_bench4.txt" 2>&1
+  echo "rc $?" | tee -a "$LOG"; grep -E "self_attn|cross_attn|qk_prep|rope_keys|quantize_v|convkv|ConvKV|requant|copy" \
+    "$OUT/attention_bench4.txt" | cut -c1-150 | tee -a "$LOG"
+  L "fps: default (+ profile)"
+  $B --chunks 7 --warmup 3 --json "$OUT/fps_s4_cross.json" --profile "$OUT/profile_s4_cross.txt" 2>&1 | grep -E "$S" \
+    | tee -a "$LOG"
+  head -8 "$OUT/profile_s4_cross.txt" | cut -c1-100 | tee -a "$LOG"
+fi

@@ -120,6 +120,13 @@ serializes the wgmmas.  ptxas pitfalls met on the way (C7514/C7515, "wgmma seria
 S tile copied at the back edge into registers an in-flight wgmma still reads -- unroll by two; (b) a QK wgmma
 left in flight across the softmax of the previous tile (issue QK(j+1) before softmax(j)) -- issue it after;
 (c) register copies at the merge after an odd-count tail step -- drain (wait 0) before the branch.
+Two contexts in one launch (kv2, TWO; cross-attention over text + image, session 4): each CTA runs the key loop
+(_keys_pass) over the first context, stores its bf16 output, runs it again over the second context on the same Q
+tile (the K/V ring keeps counting its slots and phases across the contexts) and adds into the output it just
+stored: bit-identical to two launches with accumulate (GPU tests).  ptxas: the same 598-609 instructions per
+block in both loops, 580 B spilled outside the loops.  Measured (H100): no GPU-time gain under CUDA graphs
+(attention kernels 175.86 vs 175.90 ms per step; the Q reload and the output round trip of the second launch
+were L2 hits), one launch instead of two per layer, and eager 0.53 vs 0.60 ms per call (host-bound).
 Next step (not tried): a per-block K producer in qk_prep.
 """
 from __future__ import annotations
@@ -289,8 +296,10 @@ if _GLUON_OK:
 
     @gluon.jit
     def _load_kv(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, j, b, h, bh, Sk,
-                 BN: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr):
-        st = j % STAGES
+                 BN: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, jb=0):
+        """TMA loads of key block j of this context into ring slot (jb + j) % STAGES (jb: blocks of the
+        contexts before it in this CTA, which keep counting the ring's phases)."""
+        st = (jb + j) % STAGES
         mbarrier.expect(k_ready.index(st), k_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(k_desc, [b * Sk + j * BN, h * D], k_ready.index(st), k_bufs.index(st))
         mbarrier.expect(v_ready.index(st), v_desc.block_type.nbytes)
@@ -314,10 +323,11 @@ if _GLUON_OK:
     def _step(j, q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, k_desc, v_desc, s, part, acc,
               m_i, l_i, qs, KS, b, h, bh, Sk, BN: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
               S_L: gl.constexpr, P_L: gl.constexpr, MASKED: gl.constexpr, SELF_LOAD: gl.constexpr,
-              FOLD: gl.constexpr, EXP: gl.constexpr, KBLOCK: gl.constexpr):
-        """Key block j without intra-warpgroup overlap: S = QK^T, softmax, PV, acc update."""
-        st = j % STAGES
-        ph = (j // STAGES) & 1
+              FOLD: gl.constexpr, EXP: gl.constexpr, KBLOCK: gl.constexpr, jb=0):
+        """Key block j without intra-warpgroup overlap: S = QK^T, softmax, PV, acc update (ring slot and phase
+        from jb + j, see _load_kv)."""
+        st = (jb + j) % STAGES
+        ph = ((jb + j) // STAGES) & 1
         ks, c = _load_ks(KS, bh, Sk, j * BN, BN, S_L, MASKED, KBLOCK)
         mbarrier.wait(k_ready.index(st), ph)
         s = warpgroup_mma(q_smem, k_bufs.index(st).permute((1, 0)), s, use_acc=False, is_async=True)
@@ -330,7 +340,8 @@ if _GLUON_OK:
         part = warpgroup_mma_wait(0, deps=(part, ))
         if SELF_LOAD:
             if j + STAGES < gl.cdiv(Sk, BN):
-                _load_kv(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, j + STAGES, b, h, bh, Sk, BN, D, STAGES)
+                _load_kv(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, j + STAGES, b, h, bh, Sk, BN, D, STAGES,
+                         jb)
         else:
             mbarrier.arrive(v_empty.index(st), count=1)
         acc = acc * alpha[:, None] + part
@@ -370,12 +381,55 @@ if _GLUON_OK:
         return s, acc, m_i, l_i
 
     @gluon.jit
+    def _keys_pass(q_smem, qb, k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, qs, KS,
+                   b, h, bh, Sk, jb, BM_WG: gl.constexpr, BN: gl.constexpr, D: gl.constexpr,
+                   STAGES: gl.constexpr, S_L: gl.constexpr, O_L: gl.constexpr, P_L: gl.constexpr,
+                   SELF_LOAD: gl.constexpr, FOLD: gl.constexpr, EXP: gl.constexpr, KBLOCK: gl.constexpr):
+        """The key loop over one context (schedules without ping-pong) -> (acc, m_i, l_i).  jb = key blocks
+        this CTA went through before (earlier contexts): the K/V ring keeps counting its slots and phases."""
+        n_blk = gl.cdiv(Sk, BN)
+        if SELF_LOAD:
+            for j in gl.static_range(STAGES):
+                if j < n_blk:
+                    _load_kv(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, j, b, h, bh, Sk, BN, D, STAGES, jb)
+        m_i = gl.full([BM_WG], float("-inf"), gl.float32, gl.SliceLayout(1, S_L))
+        l_i = gl.zeros([BM_WG], gl.float32, gl.SliceLayout(1, S_L))
+        acc = gl.zeros([BM_WG, D], gl.float32, O_L)
+        # dead values recycled as the (ignored, use_acc=False) wgmma accumulator inputs
+        s = gl.zeros([BM_WG, BN], gl.int32, S_L)
+        part = gl.zeros([BM_WG, D], gl.float32, O_L)
+        mbarrier.wait(qb, 0)      # Q is in shared memory (passes at once after the first context)
+        for j in range(n_blk - 1):
+            s, part, acc, m_i, l_i = _step(j, q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty,
+                                           k_desc, v_desc, s, part, acc, m_i, l_i, qs, KS, b, h, bh, Sk,
+                                           BN, D, STAGES, S_L, P_L, False, SELF_LOAD, FOLD, EXP, KBLOCK, jb)
+        s, part, acc, m_i, l_i = _step(n_blk - 1, q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty,
+                                       k_desc, v_desc, s, part, acc, m_i, l_i, qs, KS, b, h, bh, Sk,
+                                       BN, D, STAGES, S_L, P_L, True, SELF_LOAD, FOLD, EXP, KBLOCK, jb)
+        return acc, m_i, l_i
+
+    @gluon.jit
+    def _store_out(acc, l_i, VS, O, b, h, bh, H, Sq, row0, BM_WG: gl.constexpr, D: gl.constexpr,
+                   O_L: gl.constexpr, ACCUM: gl.constexpr):
+        """out = acc * vs / l (bf16); ACCUM: out = bf16(bf16(this) + out), the bf16 sum of two attentions."""
+        dcol = gl.arange(0, D, layout=gl.SliceLayout(0, O_L))
+        orow = row0 + gl.arange(0, BM_WG, layout=gl.SliceLayout(1, O_L))
+        vs = gl.load(VS + bh * D + dcol)
+        l_o = gl.convert_layout(l_i, gl.SliceLayout(1, O_L))
+        o = acc * vs[None, :] / l_o[:, None]
+        optr = O + ((b * Sq + orow.to(gl.int64)) * H + h)[:, None] * D + dcol[None, :]
+        if ACCUM:   # (with TWO the rows were stored by this same thread just before: an L2 hit)
+            prev = gl.load(optr, mask=(orow < Sq)[:, None], other=0.0)
+            o = o.to(gl.bfloat16).to(gl.float32) + prev.to(gl.float32)
+        gl.store(optr, o.to(gl.bfloat16), mask=(orow < Sq)[:, None])
+
+    @gluon.jit
     def _consumer(WG: gl.constexpr, q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar,
                   k_ready, v_ready, k_empty, v_empty, QS, KS, VS, KM, O, LSE, b, h, bh, H, Sq, Sk, pid_m,
                   HAS_LSE: gl.constexpr, BM_WG: gl.constexpr, BN: gl.constexpr, D: gl.constexpr,
                   STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr, SELF_LOAD: gl.constexpr,
                   FOLD: gl.constexpr, PINGPONG: gl.constexpr, turn, EXP: gl.constexpr, KBLOCK: gl.constexpr,
-                  ACCUM: gl.constexpr):
+                  ACCUM: gl.constexpr, k2_desc, v2_desc, KS2, VS2, Sk2, TWO: gl.constexpr):
         S_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                       instr_shape=[16, BN, 32])
         O_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -389,21 +443,15 @@ if _GLUON_OK:
         qb = q_bar.index(WG)
         mbarrier.expect(qb, q_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(q_desc, [b * Sq + row0, h * D], qb, q_smem)
-        if SELF_LOAD:
-            for j in gl.static_range(STAGES):
-                if j < n_blk:
-                    _load_kv(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, j, b, h, bh, Sk, BN, D, STAGES)
         rows = row0 + gl.arange(0, BM_WG, layout=ROW_L)
         qs = gl.load(QS + bh * Sq + rows, mask=rows < Sq, other=1.0)
-        m_i = gl.full([BM_WG], float("-inf"), gl.float32, ROW_L)
-        l_i = gl.zeros([BM_WG], gl.float32, ROW_L)
-        acc = gl.zeros([BM_WG, D], gl.float32, O_L)
-        # dead values recycled as the (ignored, use_acc=False) wgmma accumulator inputs
-        s = gl.zeros([BM_WG, BN], gl.int32, S_L)
-        part = gl.zeros([BM_WG, D], gl.float32, O_L)
-        mbarrier.wait(qb, 0)
 
         if PINGPONG:
+            m_i = gl.full([BM_WG], float("-inf"), gl.float32, ROW_L)
+            l_i = gl.zeros([BM_WG], gl.float32, ROW_L)
+            acc = gl.zeros([BM_WG, D], gl.float32, O_L)
+            s = gl.zeros([BM_WG, BN], gl.int32, S_L)
+            mbarrier.wait(qb, 0)
             # each consumer takes turns 0..n_blk-1 on the tensor cores, alternating with the other one
             # (turn barriers: WG 0 starts, its first wait passes on the fresh barrier's parity)
             turn_me = turn.index(WG)
@@ -422,25 +470,15 @@ if _GLUON_OK:
                 n_blk - 1, q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turn_me, turn_other, s, acc,
                 m_i, l_i, qs, KS, bh, Sk, WG, BN, D, STAGES, S_L, O_L, P_L, True, FOLD, True, EXP, KBLOCK)
         else:
-            for j in range(n_blk - 1):
-                s, part, acc, m_i, l_i = _step(j, q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty,
-                                               k_desc, v_desc, s, part, acc, m_i, l_i, qs, KS, b, h, bh, Sk,
-                                               BN, D, STAGES, S_L, P_L, False, SELF_LOAD, FOLD, EXP, KBLOCK)
-            s, part, acc, m_i, l_i = _step(n_blk - 1, q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty,
-                                           k_desc, v_desc, s, part, acc, m_i, l_i, qs, KS, b, h, bh, Sk,
-                                           BN, D, STAGES, S_L, P_L, True, SELF_LOAD, FOLD, EXP, KBLOCK)
-
-        # epilogue: out = acc * vs / l (bf16), lse
-        dcol = gl.arange(0, D, layout=gl.SliceLayout(0, O_L))
-        orow = row0 + gl.arange(0, BM_WG, layout=gl.SliceLayout(1, O_L))
-        vs = gl.load(VS + bh * D + dcol)
-        l_o = gl.convert_layout(l_i, gl.SliceLayout(1, O_L))
-        o = acc * vs[None, :] / l_o[:, None]
-        optr = O + ((b * Sq + orow.to(gl.int64)) * H + h)[:, None] * D + dcol[None, :]
-        if ACCUM:   # out = previous + this, rounded like the bf16 sum of two attention outputs
-            prev = gl.load(optr, mask=(orow < Sq)[:, None], other=0.0)
-            o = o.to(gl.bfloat16).to(gl.float32) + prev.to(gl.float32)
-        gl.store(optr, o.to(gl.bfloat16), mask=(orow < Sq)[:, None])
+            acc, m_i, l_i = _keys_pass(q_smem, qb, k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, k_empty,
+                                       v_empty, qs, KS, b, h, bh, Sk, 0, BM_WG, BN, D, STAGES, S_L, O_L, P_L,
+                                       SELF_LOAD, FOLD, EXP, KBLOCK)
+        _store_out(acc, l_i, VS, O, b, h, bh, H, Sq, row0, BM_WG, D, O_L, ACCUM)
+        if TWO:   # a second context (cross-attention: text, then image) on the same Q tile, added into out
+            acc, m_i, l_i = _keys_pass(q_smem, qb, k2_desc, v2_desc, k_bufs, v_bufs, k_ready, v_ready, k_empty,
+                                       v_empty, qs, KS2, b, h, bh, Sk2, n_blk, BM_WG, BN, D, STAGES, S_L, O_L, P_L,
+                                       SELF_LOAD, FOLD, EXP, KBLOCK)
+            _store_out(acc, l_i, VS2, O, b, h, bh, H, Sq, row0, BM_WG, D, O_L, True)
         if HAS_LSE:
             BL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
             q = q_smem.load(BL).to(gl.float32)
@@ -450,10 +488,11 @@ if _GLUON_OK:
             gl.store(LSE + bh * Sq + rows, lse2 * 0.6931471805599453, mask=rows < Sq)
 
     @gluon.jit
-    def _attn_fwd_gluon(q_desc, k_desc, v_desc, QS, KS, VS, KM, O, LSE, H, Sq, Sk,
+    def _attn_fwd_gluon(q_desc, k_desc, v_desc, QS, KS, VS, KM, O, LSE, H, Sq, Sk, k2_desc, v2_desc, KS2, VS2, Sk2,
                         HAS_LSE: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
                         NUM_CONSUMERS: gl.constexpr, WS: gl.constexpr, FOLD: gl.constexpr, PINGPONG: gl.constexpr,
-                        EXP: gl.constexpr = 0, KBLOCK: gl.constexpr = False, ACCUM: gl.constexpr = False):
+                        EXP: gl.constexpr = 0, KBLOCK: gl.constexpr = False, ACCUM: gl.constexpr = False,
+                        TWO: gl.constexpr = False):
         BM_WG: gl.constexpr = q_desc.block_type.shape[0]
         D: gl.constexpr = q_desc.block_type.shape[1]
         pid_m = gl.program_id(0)
@@ -482,25 +521,29 @@ if _GLUON_OK:
         WG0: gl.constexpr = 0
         WG1: gl.constexpr = 1
         NO_SELF_LOAD: gl.constexpr = False
+        NO_TWO: gl.constexpr = False
         # (argument tuples written inline: a tuple assigned to a variable loses its constexpr entries)
         if WS:   # every WS config has two consumer warpgroups (CONFIGS)
             gl.static_assert(NUM_CONSUMERS == 2, "warp specialization runs two consumer warpgroups")
+            gl.static_assert(not TWO, "two contexts run on the self-loading schedules only")
             gl.warp_specialize([
                 (_consumer, (WG0, q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty,
                              v_empty, QS, KS, VS, KM, O, LSE, b, h, bh, H, Sq, Sk, pid_m,
                              HAS_LSE, BM_WG, BN, D, STAGES, NUM_CONSUMERS, NO_SELF_LOAD, FOLD, PINGPONG, turn,
-                             EXP, KBLOCK, ACCUM)),
+                             EXP, KBLOCK, ACCUM, k2_desc, v2_desc, KS2, VS2, Sk2, NO_TWO)),
                 (_consumer, (WG1, q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty,
                              v_empty, QS, KS, VS, KM, O, LSE, b, h, bh, H, Sq, Sk, pid_m,
                              HAS_LSE, BM_WG, BN, D, STAGES, NUM_CONSUMERS, NO_SELF_LOAD, FOLD, PINGPONG, turn,
-                             EXP, KBLOCK, ACCUM)),
+                             EXP, KBLOCK, ACCUM, k2_desc, v2_desc, KS2, VS2, Sk2, NO_TWO)),
                 (_producer, (k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, b, h, bh, Sk,
                              BN, D, STAGES)),
             ], [4, 1], [240, 24])
         else:
+            gl.static_assert(not (TWO and HAS_LSE), "two contexts return no LSE")
             _consumer(0, q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty, v_empty,
                       QS, KS, VS, KM, O, LSE, b, h, bh, H, Sq, Sk, pid_m,
-                      HAS_LSE, BM_WG, BN, D, STAGES, 1, True, FOLD, False, turn, EXP, KBLOCK, ACCUM)
+                      HAS_LSE, BM_WG, BN, D, STAGES, 1, True, FOLD, False, turn, EXP, KBLOCK, ACCUM,
+                      k2_desc, v2_desc, KS2, VS2, Sk2, TWO)
 
 
 # ----------------------------------------------------------------------------------- host API
@@ -572,14 +615,18 @@ def _kblock(kv, config: str) -> bool:
 
 
 def attention_gluon(q8, q_scale, kv, out: torch.Tensor | None = None, return_lse: bool = False,
-                    lse: torch.Tensor | None = None, config: str = DEFAULT_CONFIG, accumulate: bool = False):
+                    lse: torch.Tensor | None = None, config: str = DEFAULT_CONFIG, accumulate: bool = False,
+                    kv2=None):
     """Quantized attention on prepared inputs (same contract as attention_quant_prepared):
     q8 int8 [B, Sq, H, 128], q_scale fp32 [B, H, Sq] (log2 units), kv a QuantKV whose k_scale is either
     [B, H, Sk] (per key, as quantize_kv makes it) or [B, H, cdiv(Sk, 128)] (one scale per 128-key block,
     requantize_k_per_block; detected by shape: plain_s2 then runs as plain_s2_kblock; configs
     plain_s2_kblock / plain_s2_kblock_3cta need them).  Returns out bf16
     [B, Sq, H, 128] or (out, lse fp32 [B, H, Sq] natural log).  accumulate=True adds the result to out
-    (given): out = bf16(bf16(this) + out), the sum of two attentions (cross-attention over text + image)."""
+    (given): out = bf16(bf16(this) + out), the sum of two attentions (cross-attention over text + image).
+    kv2: a second key/value set (same scale form as kv) attended by the same Q tiles in the same launch and added
+    like accumulate: out = bf16(bf16(attn(kv2)) + bf16(attn(kv))), bit-identical to two launches (no LSE; the
+    self-loading configs only)."""
     if config not in CONFIGS:
         raise ValueError(f"attention_gluon: unknown config {config!r}; choose one of {sorted(CONFIGS)}")
     if accumulate and (out is None or out.dtype != torch.bfloat16 or tuple(out.shape) != tuple(q8.shape)
@@ -588,6 +635,11 @@ def attention_gluon(q8, q_scale, kv, out: torch.Tensor | None = None, return_lse
     _check(q8, q_scale, kv)
     cfg = CONFIGS[config]
     kblock = _kblock(kv, config)
+    if kv2 is not None:
+        _check(q8, q_scale, kv2)
+        if return_lse or cfg["WS"] or _kblock(kv2, config) != kblock:
+            raise ValueError("attention_gluon: kv2 (a second context in the same launch) needs return_lse=False, a "
+                             "self-loading config (plain*) and the same K-scale form (per key / per block) as kv")
     b, sq, h, d = q8.shape
     sk = kv.k8.shape[1]
     if out is None:
@@ -600,14 +652,18 @@ def attention_gluon(q8, q_scale, kv, out: torch.Tensor | None = None, return_lse
         km = kv.km
     bn = BLOCK_N
     q_desc, k_desc, v_desc = make_descriptors(q8, kv.k8, kv.vt, sk, bn)
+    kv2_args = (k_desc, v_desc, kv.k_scale, kv.v_scale, sk)
+    if kv2 is not None:
+        sk2 = kv2.k8.shape[1]
+        kv2_args = make_descriptors(q8, kv2.k8, kv2.vt, sk2, bn)[1:] + (kv2.k_scale, kv2.v_scale, sk2)
     bm = 64 * cfg["NUM_CONSUMERS"]
     grid = (triton.cdiv(sq, bm), b * h)
     extra = {} if cfg["maxnreg"] is None else {"maxnreg": cfg["maxnreg"]}
     _attn_fwd_gluon[grid](q_desc, k_desc, v_desc, q_scale, kv.k_scale, kv.v_scale,
-                          km if return_lse else kv.v_scale, out, lse if return_lse else q_scale, h, sq, sk,
+                          km if return_lse else kv.v_scale, out, lse if return_lse else q_scale, h, sq, sk, *kv2_args,
                           HAS_LSE=return_lse, BN=bn, STAGES=cfg["STAGES"], NUM_CONSUMERS=cfg["NUM_CONSUMERS"],
                           WS=cfg["WS"], FOLD=cfg["FOLD"], PINGPONG=cfg["PINGPONG"], EXP=cfg.get("EXP", 0),
-                          KBLOCK=kblock, ACCUM=accumulate, num_warps=NUM_WARPS, **extra)
+                          KBLOCK=kblock, ACCUM=accumulate, TWO=kv2 is not None, num_warps=NUM_WARPS, **extra)
     return (out, lse) if return_lse else out
 
 

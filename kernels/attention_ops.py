@@ -150,14 +150,20 @@ class TritonAttentionOps(ReferenceOps):
     def cross_attention(self, q, kv_pairs) -> torch.Tensor:
         kv_pairs = list(kv_pairs)
         if self._gluon_cross(q, *[t for pair in kv_pairs for t in pair[:2]]):
-            # sm90: the Gluon per-block kernel, q quantized once, one launch per context (text, image), the
-            # second adding into the first's output; K/V quantized by prepare_context_kv (else here, memoized)
+            # sm90: the Gluon per-block kernel, q quantized once; two contexts (text, image) in ONE launch (each
+            # Q tile attends to both, the second result added into the first's bf16 output), otherwise one launch
+            # per context adding into the output; K/V quantized by prepare_context_kv (else here, memoized)
             from . import attention_gluon as G
             q8, qs = A.quantize_q(q)
-            out = None
+            kvs = []
             for pair in kv_pairs:
                 A._check_qkv(q, pair[0], pair[1])
-                kv = A.QuantKV(*pair[2:]) if len(pair) > 2 else self._quant_kv(pair[0], pair[1], block=G.BLOCK_N)
+                kvs.append(A.QuantKV(*pair[2:]) if len(pair) > 2
+                           else self._quant_kv(pair[0], pair[1], block=G.BLOCK_N))
+            if len(kvs) == 2:
+                return G.attention_gluon(q8, qs, kvs[0], kv2=kvs[1], config=KBLOCK_CONFIG)
+            out = None
+            for kv in kvs:
                 out = G.attention_gluon(q8, qs, kv, out=out, accumulate=out is not None, config=KBLOCK_CONFIG)
             return out
         kv_pairs = [(pair[0], pair[1]) for pair in kv_pairs]

@@ -203,6 +203,29 @@ def test_gluon_accumulate_is_the_bf16_sum():
     assert res is out and torch.equal(out, o1 + o2)
     with pytest.raises(ValueError, match="accumulate"):
         G.attention_gluon(q8, qs, kvs[1], accumulate=True, config="plain_s2_kblock_3cta")
+    # both contexts in one launch (kv2): the same bits as the two launches
+    fused = torch.full_like(o1, float("nan"))
+    res = G.attention_gluon(q8, qs, kvs[0], kv2=kvs[1], out=fused, config="plain_s2_kblock_3cta")
+    assert res is fused and torch.equal(fused, o1 + o2)
+    with pytest.raises(ValueError, match="kv2"):
+        G.attention_gluon(q8, qs, kvs[0], kv2=kvs[1], return_lse=True, config="plain_s2_kblock_3cta")
+
+
+@pytest.mark.gpu
+def test_gluon_two_contexts_one_launch_batches():
+    """kv2 with B = 2, a query tail (Sq = 130), contexts of 100 and 300 keys (ring slots continue across the
+    contexts: 1 + 3 blocks with 2 stages), per-key (plain_s2) and per-block scales: equal to two launches."""
+    if not G.available():
+        pytest.skip("needs an sm90 GPU")
+    q, k1, v1 = dit_like(2, 130, 100, 3, DEV, seed=13)
+    _, k2, v2 = dit_like(2, 130, 300, 3, DEV, seed=14)
+    q8, qs = A.quantize_q(q)
+    for config, conv in (("plain_s2", lambda kv: kv), ("plain_s2_kblock_3cta", G.requantize_kv_per_block)):
+        kvs = [conv(A.quantize_kv(k, v)) for k, v in ((k1, v1), (k2, v2))]
+        o1, o2 = (G.attention_gluon(q8, qs, kv, config=config) for kv in kvs)
+        fused = torch.full_like(o1, float("nan"))
+        G.attention_gluon(q8, qs, kvs[0], kv2=kvs[1], out=fused, config=config)
+        assert torch.equal(fused, o1 + o2), config
 
 
 @pytest.mark.gpu
