@@ -87,6 +87,15 @@ def _gemm_rows(name, m, k, n, epi, quick, dev):
         add(f"ours+{epi}", lambda: fp8_gemm(qa, None, wq, ws, **ek), ref=ref_epi, ref_bf16=bf_epi, kind="accurate")
     add("ours", lambda: fp8_gemm(qa, None, wq, ws, bias=bias), kind="accurate")
     add("ours_fast", lambda: fp8_gemm(qa, None, wq, ws, bias=bias, fast_accum=True), kind="fast")
+    from ..kernels import fp8_gemm_gluon as GG
+    if GG.available() and GG.supported(m, n, k, torch.bfloat16):   # the Gluon kernel called directly
+        sa1 = qa.scale.reshape(m).float()
+        gk = dict(bias=bias) if epi == "none" else dict(ek)
+        add("gluon" + ("" if epi == "none" else "+" + epi), lambda: GG.fp8_gemm_gluon(qa.data, sa1, wq, ws, **gk),
+            ref=exact if epi == "none" else ref_epi, ref_bf16=bf16 if epi == "none" else bf_epi, kind="accurate")
+        if epi != "none":
+            add("gluon", lambda: GG.fp8_gemm_gluon(qa.data, sa1, wq, ws, bias=bias), kind="accurate")
+        add("gluon_fast", lambda: GG.fp8_gemm_gluon(qa.data, sa1, wq, ws, bias=bias, fast_accum=True), kind="fast")
     add("cublas_bf16", lambda: F.linear(x, w, bias), ref=None, kind="bf16")
     for fast in (False, True):
         fn = lambda fast=fast: torch._scaled_mm(qa.data, wq.t(), scale_a=sa, scale_b=ws.reshape(1, n), bias=bias,

@@ -74,3 +74,88 @@ if [ "$1" = cross ]; then
     | tee -a "$LOG"
   head -8 "$OUT/profile_s4_cross.txt" | cut -c1-100 | tee -a "$LOG"
 fi
+if [ "$1" = gluon_gemm ]; then
+  # bash bench/run_gpu_session4.sh gluon_gemm   # kernels/fp8_gemm_gluon.py: GPU tests, bit-equality with the Triton
+  #                                             # kernel at the real shapes, the issue-4 table with the Gluon rows
+  L "gpu tests: Gluon FP8 GEMM"
+  timeout 280 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fp8_gemm.py -k gluon 2>&1 | tail -5 | tee -a "$LOG"
+  L "Gluon vs Triton GEMM: equal bits? (precise, real shapes)"
+  timeout 100 python3 - <<'PY' 2>&1 | tail -6 | tee -a "$LOG"
+import torch
+from liveact.kernels import fp8_gemm_gluon as GG
+from liveact.kernels.fp8_gemm import fp8_gemm, quantize_weight
+from liveact.kernels.norm_quant import quantize_rows
+from liveact.bench.kernels_gemm import _problem
+for m, k, n, epi in [(9360, 5120, 5120, "gated_residual"), (9360, 13824, 5120, "none"), (9360, 5120, 13824, "gelu")]:
+    x, w, bias, gate, res = _problem(m, k, n, "cuda")
+    qa = quantize_rows(x); wq, ws = quantize_weight(w)
+    kw = dict(bias=bias, epilogue=epi, residual=res, gate=gate)
+    g = GG.fp8_gemm_gluon(qa.data, qa.scale.reshape(m).float(), wq, ws, **kw)
+    t = fp8_gemm(qa, None, wq, ws, **kw)
+    d = (g.float() - t.float()).abs()
+    print(f"{m}x{k}->{n} {epi}: equal={torch.equal(g, t)} differing={(d > 0).float().mean().item():.2e} max={d.max().item():.3e}")
+PY
+  L "liveact bench kernels --only gemm (with the Gluon rows)"
+  timeout 240 $C bench kernels --only gemm --json "$OUT/gemm_bench4_gluon.json" > "$OUT/gemm_bench4_gluon.txt" 2>&1
+  echo "rc $?" | tee -a "$LOG"; grep -E "^gemm" "$OUT/gemm_bench4_gluon.txt" | grep -v audio | cut -c1-150 | tee -a "$LOG"
+fi
+if [ "$1" = gemm_e2e ]; then
+  # bash bench/run_gpu_session4.sh gemm_e2e   # precise GEMMs through the Gluon kernel by default: GPU tests, the
+  #                                           # issue-4 table, FPS default (+ profile), accuracy after 3 chunks
+  L "gpu tests: fp8_gemm (Gluon dispatch, bit-equality with the Triton kernel), fp8_linear_ops, triton_ops"
+  timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fp8_gemm.py tests/test_fp8_linear_ops.py \
+    tests/test_triton_ops.py 2>&1 | tail -4 | tee -a "$LOG"
+  L "liveact bench kernels --only gemm"
+  timeout 200 $C bench kernels --only gemm --json "$OUT/gemm_bench4_final.json" > "$OUT/gemm_bench4_final.txt" 2>&1
+  echo "rc $?" | tee -a "$LOG"; grep -E "^gemm" "$OUT/gemm_bench4_final.txt" | grep -v audio | cut -c1-150 | tee -a "$LOG"
+  L "fps: default (+ profile)"
+  $B --chunks 7 --warmup 3 --json "$OUT/fps_s4_gluon_gemm.json" --profile "$OUT/profile_s4_gluon_gemm.txt" 2>&1 \
+    | grep -E "$S" | tee -a "$LOG"
+  head -8 "$OUT/profile_s4_gluon_gemm.txt" | cut -c1-100 | tee -a "$LOG"
+  L "accuracy after 3 chunks vs the reference path (default)"
+  $A --json "$OUT/accuracy_s4_gluon_gemm.json" 2>&1 | tail -3 | tee -a "$LOG"
+fi
+if [ "$1" = final1 ]; then
+  # bash bench/run_gpu_session4.sh final1   # the session's end state: GPU tests, producers table
+  # bash bench/run_gpu_session4.sh final2   # FPS default (+ profile) / fast / fast + VAE / default + VAE, accuracy
+  L "gpu tests: Gluon GEMM, fast accumulation + residual (details)"
+  timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fp8_gemm.py -k "gluon_gemm and True" --tb=line \
+    2>&1 | tail -12 | tee -a "$LOG"
+  timeout 60 python3 - <<'PY' 2>&1 | tail -6 | tee -a "$LOG"
+import torch
+from liveact.kernels import fp8_gemm_gluon as GG
+from liveact.kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref, quantize_weight, LARGE_M_CONFIGS
+from liveact.kernels.norm_quant import quantize_rows
+from liveact.bench.kernels_gemm import _problem
+rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()
+for m, k, n in [(9360, 5120, 5120), (1000, 512, 200)]:
+    x, w, bias, gate, res = _problem(m, k, n, "cuda")
+    qa = quantize_rows(x); wq, ws = quantize_weight(w)
+    kw = dict(bias=bias, epilogue="residual", residual=res, skip_rows=m // 3, rows_per_batch=m)
+    ref = fp8_gemm_ref(qa, None, wq, ws, **kw)
+    t = fp8_gemm(qa, None, wq, ws, fast_accum=True, config=dict(LARGE_M_CONFIGS[(True, "residual")][0]), **kw)
+    g = GG.fp8_gemm_gluon(qa.data, qa.scale.reshape(m).float(), wq, ws, fast_accum=True, **kw)
+    s = m // 3
+    print(m, k, n, f"triton-fast vs ref {rel(t, ref):.2e} skip-rows-kept {torch.equal(t[:s], res[:s])} | gluon-fast vs ref "
+          f"{rel(g, ref):.2e} kept {torch.equal(g[:s], res[:s])} | gluon vs triton {rel(g, t):.2e} nan {g.isnan().any().item()}")
+PY
+  L "gpu tests: qk_prep (new rope_keys), attention ops, triton ops (fast path vs reference over chunks), runtime"
+  timeout 220 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_qk_prep.py tests/test_attention_ops.py \
+    tests/test_triton_ops.py tests/test_gpu_runtime.py 2>&1 | tail -4 | tee -a "$LOG"
+  L "producers vs copy (attention side)"
+  timeout 100 python3 -m liveact.bench.kernels_attention --producers > "$OUT/producers_s4.txt" 2>&1
+  grep -E "copy|qk_prep|rope_keys|quantize_v|convkv|requant" "$OUT/producers_s4.txt" | cut -c1-140 | tee -a "$LOG"
+fi
+if [ "$1" = final2 ]; then
+  L "gpu tests: Gluon GEMM with fast accumulation (Triton table fixed: the residual family's s4 config needed 262 KB)"
+  timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fp8_gemm.py -k "gluon_gemm and True" --tb=line \
+    2>&1 | tail -3 | tee -a "$LOG"
+  L "fps: default (+ profile) / fast-accum / fast-accum + VAE / default + VAE"
+  $B --chunks 7 --warmup 3 --json "$OUT/fps_s4_final.json" --profile "$OUT/profile_s4_final.txt" 2>&1 | grep -E "$S" | tee -a "$LOG"
+  $B --chunks 7 --warmup 3 --fast-accum --json "$OUT/fps_s4_final_fast.json" 2>&1 | grep -E "$S" | tee -a "$LOG"
+  $B --chunks 6 --warmup 3 --fast-accum --vae --json "$OUT/fps_s4_final_fast_vae.json" 2>&1 | grep -E "$S" | tee -a "$LOG"
+  $B --chunks 6 --warmup 3 --vae --json "$OUT/fps_s4_final_vae.json" 2>&1 | grep -E "$S" | tee -a "$LOG"
+  head -14 "$OUT/profile_s4_final.txt" | cut -c1-100 | tee -a "$LOG"
+  L "accuracy after 3 chunks vs the reference path (default)"
+  $A --json "$OUT/accuracy_s4_final.json" 2>&1 | tail -3 | tee -a "$LOG"
+fi

@@ -20,8 +20,13 @@ leaves through a TMA store (clipped at the edges).  W is used as `w.T` (K-major 
 
 Accumulation (KERNELS.md 1.1, 7.1): Hopper's fp8 wgmma accumulates in ~FP22.  Default ACCURATE:
 `tl.dot(a, w.T, acc, max_num_imprecise_acc=PROMOTE)` promotes the tensor-core partial sum to the fp32
-accumulator every PROMOTE = min(BLOCK_K, 128) products (as DeepSeek-V3).  `fast_accum=True` accumulates all of K inside the tensor core (faster, ~2e-3 extra rel. error
-measured at K=5120); compare it with `torch._scaled_mm(use_fast_accum=True)`.
+accumulator every PROMOTE = min(BLOCK_K, 128) products (as DeepSeek-V3).  `fast_accum=True` accumulates all of K
+inside the tensor core (faster, ~2e-3 extra rel. error measured at K=5120); compare it with
+`torch._scaled_mm(use_fast_accum=True)`.
+
+Dispatch on the GPU: precise accumulation with M >= 1024 on sm90 runs kernels/fp8_gemm_gluon.py (a Gluon kernel that
+overlaps each promotion with the next wgmma chain; bit-identical results, 1.05-1.18x this kernel; USE_GLUON = False
+turns it off); fast accumulation, small M and other GPUs run the Triton kernel below.
 
 Configs (GPU; fixed per (accumulation, epilogue family) in LARGE_M_CONFIGS, no autotuner: the same config
 varies by up to 10 % between processes, so autotuned picks drifted; all 8 warps, BK 128, GROUP_M 8; the first
@@ -172,8 +177,7 @@ LARGE_M_CONFIGS = {
     (False, "residual"): [_cfg(256, 128, 128, 3, subtile=True), _cfg(128, 128, 128, 4)],
     (True, "none"): [_cfg(128, 256, 128, 4, subtile=True), _cfg(128, 256, 128, 3, subtile=True)],
     (True, "gelu"): [_cfg(128, 256, 128, 4, subtile=True), _cfg(128, 256, 128, 3, subtile=True)],
-    (True, "residual"): [_cfg(128, 256, 128, 4, subtile=True), _cfg(128, 256, 128, 3, subtile=True),
-                         _cfg(128, 128, 128, 4)],
+    (True, "residual"): [_cfg(128, 256, 128, 3, subtile=True), _cfg(128, 128, 128, 4)],   # s4: 262 KB smem
 }
 SMALL_M_CONFIG = _cfg(128, 128, 128, 4)   # M < 1024 (audio / context projections): latency bound
 INTERPRET_CONFIG = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=2, NUM_SMS=3)
@@ -259,6 +263,15 @@ def fp8_gemm(a, a_scale: Optional[torch.Tensor], w: torch.Tensor, w_scale: torch
                 R64=m * r.stride(0) >= 2 ** 31, EPILOGUE=EPILOGUES[epilogue], HAS_BIAS=bias is not None,
                 FAST_ACC=bool(fast_accum),
                 MANUAL=interpreting(), OUT_DTYPE=_TL_DTYPES[out_dtype])
+    if (config is None and not interpreting() and not fast_accum and m >= 1024 and _use_gluon(m, n, k, out_dtype)
+            and (not needs_res or m * residual.stride(0) < 2 ** 31)):
+        # sm90, precise accumulation: the Gluon kernel (promotion overlapped with the next wgmma chain; same bits
+        # as this file's kernel, 1.06-1.18x faster at the DiT's shapes: kernels/fp8_gemm_gluon.py)
+        from .fp8_gemm_gluon import fp8_gemm_gluon
+        return fp8_gemm_gluon(a, sa, w, sw, bias=bias.contiguous() if bias is not None else None, epilogue=epilogue,
+                              residual=residual if needs_res else None,
+                              gate=g if epilogue == "gated_residual" else None,
+                              skip_rows=skip_rows, rows_per_batch=rows_per_batch, out=out)
     if config is None and not interpreting():
         if m < 1024:
             return _launch(a, w, out, args, dict(SMALL_M_CONFIG))
@@ -274,6 +287,20 @@ def fp8_gemm(a, a_scale: Optional[torch.Tensor], w: torch.Tensor, w_scale: torch
             _chosen[key] = i
             return out
     return _launch(a, w, out, args, dict(INTERPRET_CONFIG if config is None else config))
+
+
+USE_GLUON = True   # precise GEMMs with M >= 1024 on sm90 go to kernels/fp8_gemm_gluon.py (False: this file's kernel)
+_gluon_ok = {}
+
+
+def _use_gluon(m: int, n: int, k: int, out_dtype) -> bool:
+    if not USE_GLUON:
+        return False
+    if "ok" not in _gluon_ok:
+        from . import fp8_gemm_gluon
+        _gluon_ok["ok"] = fp8_gemm_gluon.available()
+    from .fp8_gemm_gluon import supported
+    return _gluon_ok["ok"] and supported(m, n, k, out_dtype)
 
 
 def _launch(a, w, out, args, cfg):

@@ -169,3 +169,46 @@ def test_real_epilogues(epilogue):
         if epilogue == "residual":
             want[:1170] = res[:1170]   # skip_rows keep the residual
         assert torch.equal(out, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,k,n", [(9360, 5120, 5120), (1000, 512, 200), (300, 13824, 256)])
+@pytest.mark.parametrize("epilogue", ["none", "gelu", "gated_residual", "residual"])
+@pytest.mark.parametrize("fast", [False, True])
+def test_gluon_gemm(m, k, n, epilogue, fast):
+    """kernels/fp8_gemm_gluon.py (sm90): the real O-proj shape, and tails in M and N (TMA zero-fills / clips),
+    K = 4 and 108 chains; every epilogue, both accumulation modes; output poisoned with NaN."""
+    from liveact.kernels import fp8_gemm_gluon as GG
+    if not GG.available():
+        pytest.skip("needs an sm90 GPU")
+    x, w, bias, gate, res = _problem(m, k, n, "cuda", seed=31)
+    qa, (wq, ws) = nq.quantize_rows(x), quantize_weight(w)
+    kw = dict(bias=bias, epilogue=epilogue, residual=res, gate=gate, skip_rows=m // 3, rows_per_batch=m)
+    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    got = GG.fp8_gemm_gluon(qa.data, qa.scale.reshape(m).float(), wq, ws, out=out, fast_accum=fast, **kw)
+    ref = fp8_gemm_ref(qa, None, wq, ws, **kw)
+    assert got is out and torch.isfinite(out).all()
+    assert _rel(out, ref) < (8e-3 if fast else 5e-3)
+    if epilogue == "residual":
+        assert torch.equal(out[: m // 3], res[: m // 3])
+    # the Triton kernel (an explicit config bypasses the Gluon dispatch): precise = the same bits
+    from liveact.kernels.fp8_gemm import LARGE_M_CONFIGS, _family
+    tri = fp8_gemm(qa, None, wq, ws, fast_accum=fast, config=dict(LARGE_M_CONFIGS[(fast, _family(epilogue))][0]), **kw)
+    # (the first candidate of every table entry fits the H100's shared memory)
+    if fast:
+        assert _rel(out, tri) < 6e-3
+    else:
+        assert torch.equal(out, tri)
+    if not fast and m >= 1024:   # fp8_gemm's own dispatch on sm90 runs this kernel
+        assert torch.equal(fp8_gemm(qa, None, wq, ws, **kw), out)
+
+
+@pytest.mark.gpu
+def test_gluon_gemm_bad_input():
+    from liveact.kernels import fp8_gemm_gluon as GG
+    if not GG.available():
+        pytest.skip("needs an sm90 GPU")
+    a = torch.zeros(64, 384, dtype=FP8, device="cuda")
+    s = torch.ones(64, device="cuda")
+    with pytest.raises(ValueError, match="K % 256"):
+        GG.fp8_gemm_gluon(a, s, a, s)

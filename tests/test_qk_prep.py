@@ -89,11 +89,27 @@ def _check_int8_keys(k8, ks, km, ref):
     assert rows <= 0.02, rows
 
 
-@pytest.mark.parametrize("split,config", [(10, None), (0, None), (10, (8, 1, 1, 4)), (10, (8, 1, 2, 4))])
-def test_rope_keys(split, config, rope, device):
+@pytest.fixture
+def poisoned(monkeypatch):
+    """torch.empty returns NaN (floats) / 77 (ints) so an output element the kernels leave unwritten
+    fails the checks (rope_keys allocates its outputs itself)."""
+    empty = torch.empty
+
+    def poisoned_empty(*shape, dtype=None, device=None, **kw):
+        t = empty(*shape, dtype=dtype, device=device, **kw)
+        return t.fill_(float("nan") if t.is_floating_point() else 77)
+
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+
+
+@pytest.mark.parametrize("split,config", [(10, None), (0, None), (10, (8, 1, 1, 4)), (10, (8, 1, 2, 4)),
+                                          (10, (4, 2, 1, 4))])
+def test_rope_keys(split, config, rope, device, poisoned):
     """Keys from an FP8 cache slice (rows [0, split)) + a fresh bf16 chunk, rotated at their row
     positions (split=10: a tile straddles the two sources; 0: no cache rows yet).  Configs (TB, HG,
-    GL, warps): default, one head per tile (2 head groups on the grid), 2 head groups in one program."""
+    GL, warps): default, one head per tile (2 head groups on the grid), 2 head groups in one program
+    (the next group prefetched), the GPU default's shape (4 rows x all heads).  Tolerances: bf16 keys
+    bit-identical on the CPU (assert_bf16_close), km 1e-4, int8 keys _check_int8_keys."""
     _, k, _, _, _ = inputs(device, 40, seed=1)
     c8, cs = fp8_quantize_per_head(k[:, :split])
     full = torch.cat([fp8_dequantize_per_head(c8, cs), k[:, split:]], dim=1)
@@ -111,6 +127,36 @@ def test_rope_keys(split, config, rope, device):
     assert len(rows) < 40
     assert torch.allclose(km, ref.float()[:, rows].mean(1), rtol=1e-4, atol=1e-4)
     _check_int8_keys(k8, ks, km, ref)
+
+
+@pytest.mark.parametrize("km_stride,km_cfg", [(1, (4, 8, 4, 1)), (3, (4, 4, 4, 2)), (1, (2, 16, 4, 1))])
+def test_rope_keys_km_phase(km_stride, km_cfg, rope, device, poisoned):
+    """Phase 0 with several programs per head group and several TB0-row steps per program (the GPU
+    shape of the work: fixed-point atomics, last-program reduction, prefetched steps): km equals the
+    fp32 mean of the sampled rotated keys (rel/abs 1e-4; fixed point 2^-32), is bit-identical between
+    calls, and the reused workspace is left zeroed; the keys are checked as in test_rope_keys."""
+    _, k, _, _, _ = inputs(device, 40, seed=2)
+    c8, cs = fp8_quantize_per_head(k[:, :17])
+    full = torch.cat([fp8_dequantize_per_head(c8, cs), k[:, 17:]], dim=1)
+    ref = rope_apply_reference(full, rope.table(0, 4))
+    src = [P.KSource(c8, cs), P.KSource(k[:, 17:])]
+    k8, ks, km = P.rope_keys(src, *rope.cos_sin(), quantize=True, km_stride=km_stride, km_cfg=km_cfg)
+    rows = P.km_sample_rows(40, km_stride).to(device)
+    assert torch.allclose(km, ref.float()[:, rows].mean(1), rtol=1e-4, atol=1e-4)
+    _check_int8_keys(k8, ks, km, ref)
+    acc, cnt = P._WORKSPACE[k.device]
+    assert not acc.any() and not cnt.any()
+    _, _, km2 = P.rope_keys(src, *rope.cos_sin(), quantize=True, km_stride=km_stride, km_cfg=km_cfg)
+    assert torch.equal(km, km2)
+
+
+def test_rope_keys_bad_tables(rope, device):
+    _, k, _, _, _ = inputs(device, 20)
+    cos, sin = rope.cos_sin()
+    with pytest.raises(ValueError, match="float64"):
+        P.rope_keys([P.KSource(k)], cos.float(), sin.float())
+    with pytest.raises(ValueError, match="positions"):
+        P.rope_keys([P.KSource(k)], cos[:10], sin[:10])
 
 
 def test_rope_keys_bad_sources(rope, device):
