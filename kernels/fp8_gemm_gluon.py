@@ -253,6 +253,9 @@ def fp8_gemm_gluon(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_sc
     a_scale fp32 [M], w_scale fp32 [N], residual bf16 [M, N] row-major (may alias out), gate [N]."""
     if not _GLUON_OK:
         raise ValueError("fp8_gemm_gluon needs triton.experimental.gluon (triton >= 3.5); use kernels.fp8_gemm")
+    if not (a.is_cuda and available()):
+        raise ValueError("fp8_gemm_gluon runs on CUDA sm90 (H100/H200) only; use kernels.fp8_gemm.fp8_gemm, which "
+                         "picks this kernel where it applies")
     m, k = a.shape
     n = w.shape[0]
     if not supported(m, n, k, torch.bfloat16) or epilogue not in EPILOGUES or k % (chains * BK):

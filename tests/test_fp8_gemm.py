@@ -111,6 +111,18 @@ def test_residual_epilogues_round_like_torch(epilogue, subtile, device):
     assert torch.equal(out, want)
 
 
+def test_gluon_gemm_cpu_contract():
+    """The sm90 Gluon kernel: which shapes it takes, and one clear error off sm90 (fp8_gemm falls back)."""
+    from liveact.kernels import fp8_gemm_gluon as GG
+    assert GG.supported(9360, 5120, 5120, torch.bfloat16) and GG.supported(9360, 5120, 13824, torch.bfloat16)
+    assert not GG.supported(9360, 5120, 384, torch.bfloat16)      # K not a multiple of 2 x 128
+    assert not GG.supported(9360, 5120, 5120, torch.float32)
+    if not torch.cuda.is_available():
+        a = torch.zeros(4, 256, dtype=FP8)
+        with pytest.raises(ValueError, match="sm90"):
+            GG.fp8_gemm_gluon(a, torch.ones(4), a, torch.ones(4))
+
+
 def test_weight_quantization():
     w = torch.randn(24, 64, generator=torch.Generator().manual_seed(5))
     w[3] *= 100
