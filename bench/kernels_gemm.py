@@ -62,7 +62,7 @@ def _gemm_rows(name, m, k, n, epi, quick, dev):
     wq, ws = quantize_weight(w)
     sa = qa.scale.reshape(m, 1)
     flops = 2.0 * m * n * k
-    shape = f"{m}x{k}->{n} ({name})"
+    shape = f"{m}x{k}->{n} ({name})" + (" graph" if m < 1024 else "")
     exact = fp8_gemm_ref(qa, None, wq, ws, bias=bias, out_dtype=torch.float32)
     bf16 = F.linear(x, w, bias)
     rows, timed = [], []
@@ -111,9 +111,13 @@ def _gemm_rows(name, m, k, n, epi, quick, dev):
             y = torch._scaled_mm(qa.data, wq.t(), scale_a=sa, scale_b=ws.reshape(1, n), bias=bias, out_dtype=torch.bfloat16)
             return F.gelu(y, approximate="tanh")
         add("torch_unfused+gelu", unfused, ref=ref_epi, ref_bf16=bf_epi, kind="accurate")
+    # small M (the audio projection): eager calls are host-bound (~0.1 ms of Python and descriptors per call vs
+    # ~0.015 ms on the GPU), so every implementation of that shape is timed as CUDA-graph replay, as the engine runs it
+    import triton
+    bench = _bench if m >= 1024 else (lambda fn, quick: triton.testing.do_bench_cudagraph(fn))
     for _ in range(ROUNDS):   # interleaved rounds: clock / thermal drift hits every implementation alike
         for row, fn in timed:
-            row["times"].append(_bench(fn, quick))
+            row["times"].append(bench(fn, quick))
     for row, _ in timed:
         row["ms"] = sorted(row["times"])[len(row["times"]) // 2]
         row["tflops"] = flops / row["ms"] * 1e-9

@@ -159,3 +159,13 @@ if [ "$1" = final2 ]; then
   L "accuracy after 3 chunks vs the reference path (default)"
   $A --json "$OUT/accuracy_s4_final.json" 2>&1 | tail -3 | tee -a "$LOG"
 fi
+if [ "$1" = tables ]; then
+  # bash bench/run_gpu_session4.sh tables   # the closing tables: GEMM (small M now graph-timed) and attention
+  L "liveact bench kernels --only gemm"
+  timeout 200 $C bench kernels --only gemm --json "$OUT/gemm_bench4_tables.json" > "$OUT/gemm_bench4_tables.txt" 2>&1
+  echo "rc $?" | tee -a "$LOG"; grep -E "^gemm" "$OUT/gemm_bench4_tables.txt" | cut -c1-150 | tee -a "$LOG"
+  L "liveact bench kernels --only attention"
+  timeout 220 $C bench kernels --only attention --json "$OUT/attention_bench4_tables.json" \
+    > "$OUT/attention_bench4_tables.txt" 2>&1
+  echo "rc $?" | tee -a "$LOG"; grep -E "self_attn|cross_attn" "$OUT/attention_bench4_tables.txt" | cut -c1-150 | tee -a "$LOG"
+fi

@@ -126,7 +126,8 @@ tile (the K/V ring keeps counting its slots and phases across the contexts) and 
 stored: bit-identical to two launches with accumulate (GPU tests).  ptxas: the same 598-609 instructions per
 block in both loops, 580 B spilled outside the loops.  Measured (H100): no GPU-time gain under CUDA graphs
 (attention kernels 175.86 vs 175.90 ms per step; the Q reload and the output round trip of the second launch
-were L2 hits), one launch instead of two per layer, and eager 0.53 vs 0.60 ms per call (host-bound).
+were L2 hits) and one launch instead of two per layer; eager timings are host-bound (0.53 vs 0.60 ms, then
+0.48 vs 0.42 in another run).
 Next step (not tried): a per-block K producer in qk_prep.
 """
 from __future__ import annotations
