@@ -162,10 +162,8 @@ def _epilogue(acc, rm, rn, M, N, SA, SW, BIAS, GATE, R, stride_r, skip_rows, row
 
 
 # --------------------------------------------------------------------------------------------- host
-def _cfg(bm, bn, bk, stages, warps=8, subtile=False, ws=False, ctas=1):
-    """One launch config; ctas = persistent programs per SM (1, or 2 for tiles small enough to co-reside)."""
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SUBTILE=subtile, WARP_SPEC=ws, CTAS_PER_SM=ctas,
-                num_stages=stages, num_warps=warps)
+def _cfg(bm, bn, bk, stages, warps=8, subtile=False, ws=False):
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SUBTILE=subtile, WARP_SPEC=ws, num_stages=stages, num_warps=warps)
 
 
 # Fixed per-shape configs (no autotuner: its picks drifted by up to 10 % between runs, bench/NOTES.md).
@@ -309,7 +307,7 @@ def _launch(a, w, out, args, cfg):
     n = w.shape[0]
     cfg.setdefault("GROUP_M", 8)
     cfg.setdefault("PROMOTE", min(cfg["BLOCK_K"], 128))
-    ctas = cfg.pop("CTAS_PER_SM", 1)
+    ctas = cfg.pop("CTAS_PER_SM", 1)   # persistent programs per SM (2 for tiles small enough to co-reside)
     nsm = cfg.pop("NUM_SMS", None) or (_sms(a.device) if a.is_cuda else 4) * ctas
     launch = {key: cfg.pop(key) for key in ("num_warps", "num_stages") if key in cfg}
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]

@@ -259,7 +259,7 @@ def fp8_gemm_gluon(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_sc
     m, k = a.shape
     n = w.shape[0]
     if not supported(m, n, k, torch.bfloat16) or epilogue not in EPILOGUES or k % (chains * BK):
-        raise ValueError(f"fp8_gemm_gluon: needs K % {CHAINS * BK} == 0, N % 8 == 0 and a known epilogue; got M={m} "
+        raise ValueError(f"fp8_gemm_gluon: needs K % {chains * BK} == 0, N % 8 == 0 and a known epilogue; got M={m} "
                          f"N={n} K={k} epilogue={epilogue!r}: use kernels.fp8_gemm.fp8_gemm")
     if out is None:
         out = torch.empty((m, n), dtype=torch.bfloat16, device=a.device)

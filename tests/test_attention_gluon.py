@@ -167,27 +167,6 @@ def test_gluon_kblock_matches_triton_and_fp32(b, sq, sk, h, config):
 
 
 @pytest.mark.gpu
-def test_gluon_kblock_real_shape_few_heads():
-    """Real key length (127 full 128-key blocks + a 124-key tail), 4 heads, per-block keys."""
-    if not G.available():
-        pytest.skip("needs an sm90 GPU")
-    q, k, v = dit_like(1, 9360, 16380, 4, DEV, seed=8)
-    q8, qs = A.quantize_q(q)
-    kv = A.quantize_kv(k, v)
-    kvb = G.requantize_kv_per_block(kv)
-    kvt = A.QuantKV(kvb.k8, G.per_key_scales(kvb.k_scale, 16380), kv.vt, kv.v_scale, kv.km)
-    o_t, l_t = A.attention_quant_prepared(q8, qs, kvt, return_lse=True, autotune=False)
-    out = torch.full_like(o_t, float("nan"))
-    lse = torch.full_like(l_t, float("nan"))
-    G.attention_gluon(q8, qs, kvb, out=out, return_lse=True, lse=lse, config="plain_s2_kblock")
-    assert not out.isnan().any() and not lse.isnan().any()
-    assert cos(out, o_t) >= 0.9999
-    assert (lse - l_t).abs().max().item() < 1e-3
-    r, _ = ref32(q[:, :, :2], k[:, :, :2], v[:, :, :2])
-    assert cos(out[:, :, :2], r) >= 0.999
-
-
-@pytest.mark.gpu
 def test_gluon_accumulate_is_the_bf16_sum():
     """accumulate=True (cross-attention: text + image contexts) = the bf16 sum of the two outputs, exactly."""
     if not G.available():
@@ -275,24 +254,33 @@ def test_gluon_matches_triton_and_fp32(b, sq, sk, h, config):
 
 
 @pytest.mark.gpu
-def test_gluon_real_shape_few_heads():
-    """The real key length (16380 = 127 full 128-key blocks + 124) and query count with 4 heads."""
+@pytest.mark.parametrize("per_block", [False, True])
+def test_gluon_real_shape_few_heads(per_block):
+    """The real key length (16380 = 127 full 128-key blocks + a 124-key tail) and query count with 4 heads:
+    per-key scales (default config) against the Triton kernel, and per-block keys (plain_s2_kblock) against
+    the Triton kernel on the same keys with the block scales repeated per key."""
     if not G.available():
         pytest.skip("needs an sm90 GPU")
-    q, k, v = dit_like(1, 9360, 16380, 4, DEV, seed=7)
+    q, k, v = dit_like(1, 9360, 16380, 4, DEV, seed=8 if per_block else 7)
     q8, qs = A.quantize_q(q)
     kv = A.quantize_kv(k, v)
-    o_t, l_t = A.attention_quant_prepared(q8, qs, kv, return_lse=True, autotune=False)
+    kvg, kvt, extra = kv, kv, {}
+    if per_block:
+        kvg = G.requantize_kv_per_block(kv)
+        kvt = A.QuantKV(kvg.k8, G.per_key_scales(kvg.k_scale, 16380), kv.vt, kv.v_scale, kv.km)
+        extra = {"config": "plain_s2_kblock"}
+    o_t, l_t = A.attention_quant_prepared(q8, qs, kvt, return_lse=True, autotune=False)
     out = torch.full_like(o_t, float("nan"))
     lse = torch.full_like(l_t, float("nan"))
-    G.attention_gluon(q8, qs, kv, out=out, return_lse=True, lse=lse)
+    G.attention_gluon(q8, qs, kvg, out=out, return_lse=True, lse=lse, **extra)
     assert not out.isnan().any() and not lse.isnan().any()
     assert cos(out, o_t) >= 0.9999
     assert (lse - l_t).abs().max().item() < 1e-3
     r, rl = ref32(q[:, :, :2], k[:, :, :2], v[:, :, :2])
     assert cos(out[:, :, :2], r) >= 0.999
-    err = (lse[:, :2] - rl).abs()
-    assert err.mean().item() <= 0.02 and err.max().item() <= 0.1
+    if not per_block:
+        err = (lse[:, :2] - rl).abs()
+        assert err.mean().item() <= 0.02 and err.max().item() <= 0.1
 
 
 @pytest.mark.gpu
