@@ -62,12 +62,23 @@ def _ref_fp32(q, k, v, heads=2):
 
 
 def worker(name: str, quick: bool) -> dict:
+    """One config; a name ending in "+perm" runs that config on per-block keys stored in key_row_order16
+    (requantize_k_blocks(perm16=True), QuantKV(k_perm=True): the production input of the self-attention)."""
     import torch
     import triton
     from liveact.kernels import attention as A
     from liveact.kernels import attention_gluon as G
 
     res = {"name": name}
+    perm = name.endswith("+perm")
+    res["name"] = name
+    name = name.split("+")[0]
+
+    def per_block(kv):
+        if perm:
+            return A.QuantKV(*A.requantize_k_blocks(kv.k8, kv.k_scale, perm16=True), kv.vt, kv.v_scale, kv.km,
+                             k_perm=True)
+        return G.requantize_kv_per_block(kv)
     b, sq, sk, h, d = SHAPE
     flops = 4.0 * b * sq * sk * h * d
     q, k, v = _inputs(b, sq, sk, h, seed=1)
@@ -76,8 +87,10 @@ def worker(name: str, quick: bool) -> dict:
     kblock = name != "baseline" and G.CONFIGS[name].get("KBLOCK", False)
     if kblock:
         kv_tok = kv
-        kv = G.requantize_kv_per_block(kv)                        # per-block keys, per-block scales
-        kv_t = A.QuantKV(kv.k8, G.per_key_scales(kv.k_scale, sk), kv.vt, kv.v_scale, kv.km)  # same, per key
+        kv_n = G.requantize_kv_per_block(kv)                      # per-block keys, per-block scales
+        kv_t = A.QuantKV(kv_n.k8, G.per_key_scales(kv_n.k_scale, sk), kv.vt, kv.v_scale, kv.km)  # same, per key
+        kv = per_block(kv_tok)
+        del kv_n
         ref_t = A.attention_quant_prepared(q8, qs, kv_t, autotune=False)
     else:
         ref_t = A.attention_quant_prepared(q8, qs, kv, autotune=(name == "baseline"))
@@ -110,7 +123,7 @@ def worker(name: str, quick: bool) -> dict:
         res["cos_fp32_plain_s2"] = _metrics(o_s2[:, :, :2], r2)[0]
         del o_s2
         k8d, ksd = G.quantize_k_per_block(k, kv.km)                          # one rounding from bf16
-        kvd = A.QuantKV(k8d, ksd, kv.vt, kv.v_scale, kv.km)
+        kvd = A.QuantKV(G.permute_key_rows(k8d) if perm else k8d, ksd, kv.vt, kv.v_scale, kv.km, k_perm=perm)
         od = G.attention_gluon(q8, qs, kvd, config=name)
         res["cos_fp32_direct"], res["rel_l1_fp32_direct"] = _metrics(od[:, :, :2], r2)
         del od, kvd, k8d
@@ -122,9 +135,10 @@ def worker(name: str, quick: bool) -> dict:
         qa8, qas = A.quantize_q(qa)
         kva = A.quantize_kv(ka, va)
         if kblock:
-            kva = G.requantize_kv_per_block(kva)
-            kva_t = A.QuantKV(kva.k8, G.per_key_scales(kva.k_scale, ska), kva.vt, kva.v_scale, kva.km)
+            kvn = G.requantize_kv_per_block(kva)
+            kva_t = A.QuantKV(kvn.k8, G.per_key_scales(kvn.k_scale, ska), kva.vt, kva.v_scale, kva.km)
             oa_t, la_t = A.attention_quant_prepared(qa8, qas, kva_t, return_lse=True, autotune=False)
+            kva = per_block(kva)
         else:
             oa_t, la_t = A.attention_quant_prepared(qa8, qas, kva, return_lse=True, autotune=False)
         oa = torch.full_like(oa_t, float("nan"))

@@ -328,7 +328,7 @@ def _quant_v_kernel(X1, XS1, X2, VT, VS, AMAX, S1, Sk, SkP, H, sx1_b, sx1_s, sxs
 
 @triton.jit
 def _requant_k_block_kernel(K8, KS, OUT, OS, Sk, H, NB, sk_b, sk_s, so_b, so_s,
-                            EMU: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):
+                            EMU: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, PERM: tl.constexpr):
     """One (head, key block of BT keys, batch), heads fastest (the programs running together read whole
     key rows): x = k8 * ks (per key) -> one scale per block s = max(amax|x|, 1e-12) / 127,
     k8' = round_half_away(x / s) (|x / s| <= 127 (1 + 2^-23), so the clamp to +-127 never acts and is left
@@ -339,6 +339,7 @@ def _requant_k_block_kernel(K8, KS, OUT, OS, Sk, H, NB, sk_b, sk_s, so_b, so_s,
       FMA with -q would cost a negation per element).  Under the interpreter (no single-rounding FMA) the
       FMAs run in float64, where the products are exact.
     - round half away = truncate(q + copysign(0.5, q)) (q + 0.5 is exact below 2^22).
+    PERM: every block but the last stores its rows in the Gluon kernel's order (key_row_order16).
     Launch: 4 warps (8 warps, and a persistent pipelined variant, measured slower: bench/NOTES.md).
     Measured (H100, Sk = 16380, 40 heads, 170 MB moved): 0.077 ms = 83 % of a copy of the same bytes
     (previously 0.217 ms, 30 %)."""
@@ -362,6 +363,10 @@ def _requant_k_block_kernel(K8, KS, OUT, OS, Sk, H, NB, sk_b, sk_s, so_b, so_s,
         else:
             y = tl.fma(tl.fma(y, nsc, x), r, y)
     half = ((y.to(tl.uint32, bitcast=True) & 0x80000000) | 0x3F000000).to(tl.float32, bitcast=True)
+    if PERM:   # in-block offset o = 16g + 4i + 2j + l goes to row 16g + 8j + 2i + l (blocks before the last)
+        o = tl.arange(0, BT)
+        po = (o & ~15) | (((o >> 1) & 1) << 3) | (((o >> 2) & 3) << 1) | (o & 1)
+        t = tl.where(blk < NB - 1, blk * BT + po, t)
     tl.store(OUT + b * so_b + t[:, None] * so_s + h * D + d[None, :], (y + half).to(tl.int8), mask=mask[:, None])
     tl.store(OS + (b * H + h) * NB + blk, sc)
 
@@ -468,13 +473,33 @@ def quantize_v(sources, bt: int | None = None, num_warps: int = 4):
     return vt, vs
 
 
-def requantize_k_blocks(k8: torch.Tensor, k_scale: torch.Tensor, block: int = 128, out=None, out_scale=None):
+def key_row_order16(sk: int, block: int = 128) -> torch.Tensor:
+    """The key order of per-block keys made for the Gluon kernel's shuffle-free P layout (perm16 in
+    requantize_k_blocks): index tensor `src` of length sk such that stored row r holds key src[r].  In every
+    key block except the last (block // 16 groups of 16), in-block key 16g + 4i + 2j + l (i < 4, j, l < 2) is
+    stored at row 16g + 8j + 2i + l: the rows a thread's accumulator columns {2i, 2i+1, 8+2i, 9+2i} of a
+    16-column group read are the keys its FP8 P.V operand register holds as k = 4i..4i+3 (see
+    kernels/attention_gluon.py, KPERM); the last block keeps the natural order (it is the masked one)."""
+    src = torch.arange(sk)
+    nfull = (max(sk - 1, 0) // block) * block          # keys in the blocks before the last
+    if nfull and block % 16 == 0:
+        o = torch.arange(block)
+        po = (o & ~15) | (((o >> 1) & 1) << 3) | (((o >> 2) & 3) << 1) | (o & 1)
+        inner = torch.empty(block, dtype=torch.long)
+        inner[po] = o
+        src[:nfull] = (torch.arange(nfull // block)[:, None] * block + inner[None, :]).reshape(-1)
+    return src
+
+
+def requantize_k_blocks(k8: torch.Tensor, k_scale: torch.Tensor, block: int = 128, out=None, out_scale=None,
+                        perm16: bool = False):
     """Per-key int8 keys -> one scale per (batch, head, block of `block` keys): the input of the Gluon
     kernel's fastest config (kernels/attention_gluon.py plain_s2_kblock*, one FFMA less per score).
     k8 int8 [B, Sk, H, D] (heads and head_dim contiguous), k_scale fp32 [B, H, Sk] ->
     (int8 [B, Sk, H, D], fp32 [B, H, cdiv(Sk, block)]); = attention_gluon.requantize_k_per_block (IEEE
     divisions, round half away from zero).  One pass: reads and writes 1 B per element.  out / out_scale:
-    optional preallocated outputs (tests poison them)."""
+    optional preallocated outputs (tests poison them).  perm16: store the rows in key_row_order16 (the input
+    the Gluon kernel takes with QuantKV(..., k_perm=True); needs block % 16 == 0)."""
     if k8.dtype != torch.int8 or k8.dim() != 4 or k8.stride(-1) != 1 or k8.stride(2) != k8.shape[3]:
         raise ValueError(f"requantize_k_blocks: k8 must be int8 [B, Sk, H, D] with heads contiguous, got "
                          f"{k8.dtype} {tuple(k8.shape)}")
@@ -482,21 +507,26 @@ def requantize_k_blocks(k8: torch.Tensor, k_scale: torch.Tensor, block: int = 12
     if tuple(k_scale.shape) != (b, h, sk) or k_scale.dtype != torch.float32:
         raise ValueError(f"requantize_k_blocks: k_scale must be fp32 [B, H, Sk] = {(b, h, sk)}, "
                          f"got {k_scale.dtype} {tuple(k_scale.shape)}")
+    if perm16 and block % 16:
+        raise ValueError(f"requantize_k_blocks: perm16 needs a block size divisible by 16, got {block}")
     nb = triton.cdiv(sk, block)
     out = torch.empty_like(k8) if out is None else out
     osc = torch.empty((b, h, nb), dtype=torch.float32, device=k8.device) if out_scale is None else out_scale
     if out.shape != k8.shape or out.stride() != k8.stride() or osc.shape != (b, h, nb) or not osc.is_contiguous():
         raise ValueError("requantize_k_blocks: out must be like k8 and out_scale a contiguous [B, H, nblocks]")
     _requant_k_block_kernel[(h, nb, b)](k8, k_scale.contiguous(), out, osc, sk, h, nb, k8.stride(0), k8.stride(1),
-                                        out.stride(0), out.stride(1), EMU=INTERPRET, D=d, BT=block, num_warps=4)
+                                        out.stride(0), out.stride(1), EMU=INTERPRET, D=d, BT=block, PERM=perm16,
+                                        num_warps=4)
     return out, osc
 
 
 class QuantKV:
-    """Keys and values in the quantized kernel's input format."""
+    """Keys and values in the quantized kernel's input format.  k_perm: k8's rows are in key_row_order16
+    (per-block keys for the Gluon kernel, requantize_k_blocks(perm16=True)); k_scale, vt, v_scale are not."""
 
-    def __init__(self, k8, k_scale, vt, v_scale, km=None):
+    def __init__(self, k8, k_scale, vt, v_scale, km=None, k_perm: bool = False):
         self.k8, self.k_scale, self.vt, self.v_scale, self.km = k8, k_scale, vt, v_scale, km
+        self.k_perm = k_perm
 
     @property
     def sk(self) -> int:

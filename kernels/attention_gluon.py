@@ -129,6 +129,22 @@ block in both loops, 580 B spilled outside the loops.  Measured (H100): no GPU-t
 were L2 hits) and one launch instead of two per layer; eager timings are host-bound (0.53 vs 0.60 ms, then
 0.48 vs 0.42 in another run).
 Next step (not tried): a per-block K producer in qk_prep.
+Keys in key_row_order16 (KPERM, session 5; QuantKV(k_perm=True), made by requantize_k_blocks(perm16=True)): in every
+key block but the last, in-block key 16g + 4i + 2j + l is stored at row 16g + 8j + 2i + l.  S column c then holds
+the key this thread's P.V operand register wants at that place, so the e4m3 P goes from the accumulator layout
+to the wgmma A layout without the 16 SHFL + 16 SEL + 16 PRMT per block of the generic conversion (the masked
+last block keeps the natural order and the generic conversion).  SASS per 64x128 block per thread 586 -> 550
+instructions (plain_s2_kblock_3cta).  Same result up to the fp32 order of the row sum l (the thread's 64 P values
+are added in column order, which now holds the keys in another order: ulp-level LSE differences, out within one bf16
+ulp; GPU tests).  Measured (H100, real shape, attention_gluon_bench, two runs): plain_s2_kblock_3cta natural keys
+810 / 824 TF/s, permuted 843 / 868 TF/s (+4-5 %); SDPA 569 / 589, Triton 629 / 639 in the same runs.
+Also tried (session 5, dropped): K and V tiles of a stage on ONE mbarrier (one expect of both byte counts, one wait
+per block instead of two): 536 instead of 550 instructions per block, but the membar analysis still puts a CTA
+barrier between the two TMA issues (4 bar.sync per block either way); 860 vs 868 TF/s in the same run.
+Tried and dropped (session 5): the row sums l on the tensor cores as P8 @ ones (an m64n8k32 wgmma against an
+[8, 128] e4m3 ones tile in shared memory, 492 instructions per block with KPERM) -- wrong results on the H100:
+with A = ones as well the sum came out 64, not 128 (half the products missing; N = 16 and 64-byte swizzle
+gave the same numbers); not root-caused, code removed.
 """
 from __future__ import annotations
 
@@ -224,6 +240,8 @@ if _GLUON_OK:
     _H2: gl.constexpr = gl.constexpr(_ASM_H2)
     _P25: gl.constexpr = gl.constexpr(_ASM_POLY25)
     _P50: gl.constexpr = gl.constexpr(_ASM_POLY50)
+    _E4M3X4: gl.constexpr = gl.constexpr("{ .reg .b16 lo, hi; cvt.rn.satfinite.e4m3x2.f32 lo, $2, $1; "
+                                         "cvt.rn.satfinite.e4m3x2.f32 hi, $4, $3; mov.b32 $0, {lo, hi}; }")
 
     @gluon.jit
     def _exp2_mix(x, EXP: gl.constexpr):
@@ -250,7 +268,8 @@ if _GLUON_OK:
 
     @gluon.jit
     def _softmax(s, qs, ks, c, Sk, n0, m_i, l_i, BN: gl.constexpr, S_L: gl.constexpr, P_L: gl.constexpr,
-                 MASKED: gl.constexpr, FOLD: gl.constexpr, EXP: gl.constexpr, KBLOCK: gl.constexpr):
+                 MASKED: gl.constexpr, FOLD: gl.constexpr, EXP: gl.constexpr, KBLOCK: gl.constexpr,
+                 VPERM: gl.constexpr = False, LQ: gl.constexpr = False):
         """int32 scores of key block n0 -> (e4m3 P in the wgmma A-operand layout, alpha, m_new, l_new)."""
         sb = (s + 0x4B400000).to(gl.float32, bitcast=True)       # = 1.5*2^23 + s exactly (|s| < 2^22)
         if KBLOCK and not MASKED:
@@ -290,9 +309,26 @@ if _GLUON_OK:
             p = gl.inline_asm_elementwise(_H2, "=r,r,r", [x], dtype=gl.float16, is_pure=True, pack=2)
         else:
             p = _exp2_mix(x, EXP)
-        l_new = l_i * alpha + gl.sum(p.to(gl.float32), axis=1)
+        if LQ:   # l_i [BM, 4]: this lane's partial row sums (the 4 lanes of a row are added after the loop)
+            BMq: gl.constexpr = p.shape[0]
+            ps = gl.sum(gl.sum(gl.reshape(p.to(gl.float32), [BMq, BN // 8, 4, 2]), 3), 1)
+            l_new = l_i * gl.convert_layout(alpha, gl.SliceLayout(1, ps.type.layout))[:, None] + ps
+        else:
+            l_new = l_i * alpha + gl.sum(p.to(gl.float32), axis=1)
         # the fp32 / f16 -> e4m3 cast is cvt.rn.satfinite (no clamp needed)
-        p8 = gl.convert_layout(p.to(gl.float8e4nv), P_L)
+        if VPERM:
+            # keys in key_row_order16 (KPERM): this thread's accumulator columns {2i, 2i+1, 8+2i, 9+2i} of each
+            # 16-column group hold keys 4i..4i+3, i.e. exactly its A-operand bytes k = 4i..4i+3 of P.V.  The
+            # reshape/permute names that order, the conversion to P_L is then register-only (no SHFL/SEL/PRMT),
+            # and four fp32 go to one e4m3x4 register with two cvt (_E4M3X4) instead of cvt + byte permute
+            BM: gl.constexpr = p.shape[0]
+            pp = gl.reshape(p, [BM, BN // 16, 2, 4, 2])
+            pp = gl.permute(pp, (0, 1, 3, 2, 4))
+            pp = gl.reshape(pp, [BM, BN])
+            p8 = gl.inline_asm_elementwise(_E4M3X4, "=r,r,r,r,r", [gl.convert_layout(pp, P_L)],
+                                           dtype=gl.float8e4nv, is_pure=True, pack=4)
+        else:
+            p8 = gl.convert_layout(p.to(gl.float8e4nv), P_L)
         return p8, alpha, m_new, l_new
 
     @gluon.jit
@@ -324,7 +360,7 @@ if _GLUON_OK:
     def _step(j, q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, k_desc, v_desc, s, part, acc,
               m_i, l_i, qs, KS, b, h, bh, Sk, BN: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
               S_L: gl.constexpr, P_L: gl.constexpr, MASKED: gl.constexpr, SELF_LOAD: gl.constexpr,
-              FOLD: gl.constexpr, EXP: gl.constexpr, KBLOCK: gl.constexpr, jb=0):
+              FOLD: gl.constexpr, EXP: gl.constexpr, KBLOCK: gl.constexpr, jb=0, KPERM: gl.constexpr = False):
         """Key block j without intra-warpgroup overlap: S = QK^T, softmax, PV, acc update (ring slot and phase
         from jb + j, see _load_kv)."""
         st = (jb + j) % STAGES
@@ -335,7 +371,8 @@ if _GLUON_OK:
         s = warpgroup_mma_wait(0, deps=(s, ))
         if not SELF_LOAD:
             mbarrier.arrive(k_empty.index(st), count=1)
-        p8, alpha, m_i, l_i = _softmax(s, qs, ks, c, Sk, j * BN, m_i, l_i, BN, S_L, P_L, MASKED, FOLD, EXP, KBLOCK)
+        p8, alpha, m_i, l_i = _softmax(s, qs, ks, c, Sk, j * BN, m_i, l_i, BN, S_L, P_L, MASKED, FOLD, EXP, KBLOCK,
+                                       KPERM and not MASKED, KPERM)
         mbarrier.wait(v_ready.index(st), ph)
         part = warpgroup_mma(p8, v_bufs.index(st).permute((1, 0)), part, use_acc=False, is_async=True)
         part = warpgroup_mma_wait(0, deps=(part, ))
@@ -385,7 +422,8 @@ if _GLUON_OK:
     def _keys_pass(q_smem, qb, k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, qs, KS,
                    b, h, bh, Sk, jb, BM_WG: gl.constexpr, BN: gl.constexpr, D: gl.constexpr,
                    STAGES: gl.constexpr, S_L: gl.constexpr, O_L: gl.constexpr, P_L: gl.constexpr,
-                   SELF_LOAD: gl.constexpr, FOLD: gl.constexpr, EXP: gl.constexpr, KBLOCK: gl.constexpr):
+                   SELF_LOAD: gl.constexpr, FOLD: gl.constexpr, EXP: gl.constexpr, KBLOCK: gl.constexpr,
+                   KPERM: gl.constexpr = False):
         """The key loop over one context (schedules without ping-pong) -> (acc, m_i, l_i).  jb = key blocks
         this CTA went through before (earlier contexts): the K/V ring keeps counting its slots and phases."""
         n_blk = gl.cdiv(Sk, BN)
@@ -394,7 +432,10 @@ if _GLUON_OK:
                 if j < n_blk:
                     _load_kv(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, j, b, h, bh, Sk, BN, D, STAGES, jb)
         m_i = gl.full([BM_WG], float("-inf"), gl.float32, gl.SliceLayout(1, S_L))
-        l_i = gl.zeros([BM_WG], gl.float32, gl.SliceLayout(1, S_L))
+        if KPERM:   # lane-partial row sums (see _softmax LQ)
+            l_i = gl.sum(gl.sum(gl.reshape(gl.zeros([BM_WG, BN], gl.float32, S_L), [BM_WG, BN // 8, 4, 2]), 3), 1)
+        else:
+            l_i = gl.zeros([BM_WG], gl.float32, gl.SliceLayout(1, S_L))
         acc = gl.zeros([BM_WG, D], gl.float32, O_L)
         # dead values recycled as the (ignored, use_acc=False) wgmma accumulator inputs
         s = gl.zeros([BM_WG, BN], gl.int32, S_L)
@@ -403,10 +444,14 @@ if _GLUON_OK:
         for j in range(n_blk - 1):
             s, part, acc, m_i, l_i = _step(j, q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty,
                                            k_desc, v_desc, s, part, acc, m_i, l_i, qs, KS, b, h, bh, Sk,
-                                           BN, D, STAGES, S_L, P_L, False, SELF_LOAD, FOLD, EXP, KBLOCK, jb)
+                                           BN, D, STAGES, S_L, P_L, False, SELF_LOAD, FOLD, EXP, KBLOCK, jb,
+                                           KPERM)
         s, part, acc, m_i, l_i = _step(n_blk - 1, q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty,
                                        k_desc, v_desc, s, part, acc, m_i, l_i, qs, KS, b, h, bh, Sk,
-                                       BN, D, STAGES, S_L, P_L, True, SELF_LOAD, FOLD, EXP, KBLOCK, jb)
+                                       BN, D, STAGES, S_L, P_L, True, SELF_LOAD, FOLD, EXP, KBLOCK, jb,
+                                       KPERM)
+        if KPERM:
+            l_i = gl.convert_layout(gl.sum(l_i, 1), gl.SliceLayout(1, S_L))
         return acc, m_i, l_i
 
     @gluon.jit
@@ -430,7 +475,8 @@ if _GLUON_OK:
                   HAS_LSE: gl.constexpr, BM_WG: gl.constexpr, BN: gl.constexpr, D: gl.constexpr,
                   STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr, SELF_LOAD: gl.constexpr,
                   FOLD: gl.constexpr, PINGPONG: gl.constexpr, turn, EXP: gl.constexpr, KBLOCK: gl.constexpr,
-                  ACCUM: gl.constexpr, k2_desc, v2_desc, KS2, VS2, Sk2, TWO: gl.constexpr):
+                  ACCUM: gl.constexpr, k2_desc, v2_desc, KS2, VS2, Sk2, TWO: gl.constexpr,
+                  KPERM: gl.constexpr = False):
         S_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                       instr_shape=[16, BN, 32])
         O_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -473,12 +519,12 @@ if _GLUON_OK:
         else:
             acc, m_i, l_i = _keys_pass(q_smem, qb, k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, k_empty,
                                        v_empty, qs, KS, b, h, bh, Sk, 0, BM_WG, BN, D, STAGES, S_L, O_L, P_L,
-                                       SELF_LOAD, FOLD, EXP, KBLOCK)
+                                       SELF_LOAD, FOLD, EXP, KBLOCK, KPERM)
         _store_out(acc, l_i, VS, O, b, h, bh, H, Sq, row0, BM_WG, D, O_L, ACCUM)
         if TWO:   # a second context (cross-attention: text, then image) on the same Q tile, added into out
             acc, m_i, l_i = _keys_pass(q_smem, qb, k2_desc, v2_desc, k_bufs, v_bufs, k_ready, v_ready, k_empty,
                                        v_empty, qs, KS2, b, h, bh, Sk2, n_blk, BM_WG, BN, D, STAGES, S_L, O_L, P_L,
-                                       SELF_LOAD, FOLD, EXP, KBLOCK)
+                                       SELF_LOAD, FOLD, EXP, KBLOCK, KPERM)
             _store_out(acc, l_i, VS2, O, b, h, bh, H, Sq, row0, BM_WG, D, O_L, True)
         if HAS_LSE:
             BL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
@@ -493,7 +539,7 @@ if _GLUON_OK:
                         HAS_LSE: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
                         NUM_CONSUMERS: gl.constexpr, WS: gl.constexpr, FOLD: gl.constexpr, PINGPONG: gl.constexpr,
                         EXP: gl.constexpr = 0, KBLOCK: gl.constexpr = False, ACCUM: gl.constexpr = False,
-                        TWO: gl.constexpr = False):
+                        TWO: gl.constexpr = False, KPERM: gl.constexpr = False):
         BM_WG: gl.constexpr = q_desc.block_type.shape[0]
         D: gl.constexpr = q_desc.block_type.shape[1]
         pid_m = gl.program_id(0)
@@ -544,7 +590,7 @@ if _GLUON_OK:
             _consumer(0, q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty, v_empty,
                       QS, KS, VS, KM, O, LSE, b, h, bh, H, Sq, Sk, pid_m,
                       HAS_LSE, BM_WG, BN, D, STAGES, 1, True, FOLD, False, turn, EXP, KBLOCK, ACCUM,
-                      k2_desc, v2_desc, KS2, VS2, Sk2, TWO)
+                      k2_desc, v2_desc, KS2, VS2, Sk2, TWO, KPERM)
 
 
 # ----------------------------------------------------------------------------------- host API
@@ -636,11 +682,18 @@ def attention_gluon(q8, q_scale, kv, out: torch.Tensor | None = None, return_lse
     _check(q8, q_scale, kv)
     cfg = CONFIGS[config]
     kblock = _kblock(kv, config)
+    kperm = bool(getattr(kv, "k_perm", False))
+    if kperm and (not kblock or cfg["WS"]):
+        raise ValueError(f"attention_gluon: keys in key_row_order16 (k_perm=True) need per-block K scales and a "
+                         f"self-loading config (plain*), got config {config!r} with k_scale "
+                         f"{tuple(kv.k_scale.shape)}")
     if kv2 is not None:
         _check(q8, q_scale, kv2)
-        if return_lse or cfg["WS"] or _kblock(kv2, config) != kblock:
+        if (return_lse or cfg["WS"] or _kblock(kv2, config) != kblock
+                or bool(getattr(kv2, "k_perm", False)) != kperm):
             raise ValueError("attention_gluon: kv2 (a second context in the same launch) needs return_lse=False, a "
-                             "self-loading config (plain*) and the same K-scale form (per key / per block) as kv")
+                             "self-loading config (plain*) and the same K-scale form (per key / per block) and key "
+                             "order (k_perm) as kv")
     b, sq, h, d = q8.shape
     sk = kv.k8.shape[1]
     if out is None:
@@ -664,7 +717,8 @@ def attention_gluon(q8, q_scale, kv, out: torch.Tensor | None = None, return_lse
                           km if return_lse else kv.v_scale, out, lse if return_lse else q_scale, h, sq, sk, *kv2_args,
                           HAS_LSE=return_lse, BN=bn, STAGES=cfg["STAGES"], NUM_CONSUMERS=cfg["NUM_CONSUMERS"],
                           WS=cfg["WS"], FOLD=cfg["FOLD"], PINGPONG=cfg["PINGPONG"], EXP=cfg.get("EXP", 0),
-                          KBLOCK=kblock, ACCUM=accumulate, TWO=kv2 is not None, num_warps=NUM_WARPS, **extra)
+                          KBLOCK=kblock, ACCUM=accumulate, TWO=kv2 is not None, KPERM=kperm, num_warps=NUM_WARPS,
+                          **extra)
     return (out, lse) if return_lse else out
 
 
@@ -715,6 +769,13 @@ def quantize_k_per_block(k: torch.Tensor, km: torch.Tensor | None = None, block:
     if km is not None:
         x = x - km.float()[:, None]
     return _quantize_k_blocks(x, block)
+
+
+def permute_key_rows(k8: torch.Tensor, block: int = BLOCK_N) -> torch.Tensor:
+    """Keys [B, Sk, ...] in natural order -> the same rows in key_row_order16 (what requantize_k_blocks(perm16=True)
+    writes; pass the result as QuantKV(..., k_perm=True)).  A copy."""
+    from .attention import key_row_order16
+    return k8[:, key_row_order16(k8.shape[1], block).to(k8.device)].contiguous()
 
 
 def per_key_scales(k_scale_block: torch.Tensor, sk: int, block: int = BLOCK_N) -> torch.Tensor:

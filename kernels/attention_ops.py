@@ -94,8 +94,9 @@ class TritonAttentionOps(ReferenceOps):
     @staticmethod
     def _per_block(kv: A.QuantKV, block: int) -> A.QuantKV:
         """kv with its per-key int8 keys requantized to one K scale per `block` keys (requantize_k_blocks: the
-        Gluon per-block kernel's input)."""
-        return A.QuantKV(*A.requantize_k_blocks(kv.k8, kv.k_scale, block=block), kv.vt, kv.v_scale, kv.km)
+        Gluon per-block kernel's input, rows in its shuffle-free order key_row_order16)."""
+        return A.QuantKV(*A.requantize_k_blocks(kv.k8, kv.k_scale, block=block, perm16=True), kv.vt, kv.v_scale,
+                         kv.km, k_perm=True)
 
     @classmethod
     def _quantize_kv(cls, k, v, block: int) -> A.QuantKV:
@@ -158,7 +159,7 @@ class TritonAttentionOps(ReferenceOps):
             kvs = []
             for pair in kv_pairs:
                 A._check_qkv(q, pair[0], pair[1])
-                kvs.append(A.QuantKV(*pair[2:]) if len(pair) > 2
+                kvs.append(A.QuantKV(*pair[2:], k_perm=True) if len(pair) > 2     # made by _per_block
                            else self._quant_kv(pair[0], pair[1], block=G.BLOCK_N))
             if len(kvs) == 2:
                 return G.attention_gluon(q8, qs, kvs[0], kv2=kvs[1], config=KBLOCK_CONFIG)

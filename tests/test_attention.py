@@ -207,6 +207,26 @@ def test_requantize_k_blocks(sk, device):
     assert ((deq - x).abs() <= bound * (1 + 1e-5)).all()
     with pytest.raises(ValueError, match="k_scale must be fp32"):
         A.requantize_k_blocks(k8, ks[:, :, :5])
+    # perm16: the same rows, stored in key_row_order16 (every block but the last permuted within 16-row groups)
+    p8, psc = A.requantize_k_blocks(k8, ks, out=torch.full_like(k8, -128), perm16=True)
+    src = A.key_row_order16(sk).to(device)
+    assert torch.equal(psc, asc) and torch.equal(p8, a8[:, src])
+    assert not torch.equal(p8, a8)
+
+
+def test_key_row_order16():
+    """A permutation inside each 128-key block, identity on the last block, and the rows a thread's accumulator
+    columns {2i, 2i+1, 8+2i, 9+2i} (i = lane % 4) of each 16-column group hold the keys 4i..4i+3 of that group."""
+    for sk, nfull in ((1000, 896), (512, 384), (128, 0), (1, 0), (16380, 16256)):
+        src = A.key_row_order16(sk)
+        assert sorted(src.tolist()) == list(range(sk))
+        assert torch.equal(src[nfull:], torch.arange(nfull, sk))
+        blk = torch.arange(sk) // 128
+        assert torch.equal(src // 128, blk)
+        for g0 in range(0, nfull, 16):
+            for i in range(4):
+                rows = [g0 + 2 * i, g0 + 2 * i + 1, g0 + 8 + 2 * i, g0 + 9 + 2 * i]
+                assert src[rows].tolist() == [g0 + 4 * i + n for n in range(4)]
 
 
 def test_requantize_k_blocks_ties(device):

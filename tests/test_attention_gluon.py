@@ -133,11 +133,13 @@ def test_kblock_exp2_argument_precision():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("b,sq,sk,h", [(1, 200, 1000, 3), (2, 300, 1000, 2), (1, 64, 1, 1), (1, 130, 128, 2),
-                                       (1, 70, 100, 1)])
+                                       (1, 70, 100, 1), (1, 100, 512, 2)])
 @pytest.mark.parametrize("config", KBLOCK_CONFIGS)
 def test_gluon_kblock_matches_triton_and_fp32(b, sq, sk, h, config):
     """Per-key-block K scales: the Triton kernel on the same requantized keys (block scales repeated per key)
-    is the reference; also fp32 and plain_s2 on the per-key keys.  Outputs and LSE poisoned."""
+    is the reference; also fp32 and plain_s2 on the per-key keys.  Outputs and LSE poisoned.  The same keys
+    in key_row_order16 (k_perm: the kernel's shuffle-free P layout) give the same result up to the fp32 order of
+    the row sums (out within one bf16 ulp, LSE within 1e-5)."""
     if not G.available():
         pytest.skip("needs an sm90 GPU")
     q, k, v = dit_like(b, sq, sk, h, DEV, seed=sk + b + 1)
@@ -164,6 +166,13 @@ def test_gluon_kblock_matches_triton_and_fp32(b, sq, sk, h, config):
         assert torch.equal(o2, out)
     else:
         assert cos(o2, out) >= 0.99999
+    kvp = A.QuantKV(G.permute_key_rows(kvb.k8), kvb.k_scale, kvb.vt, kvb.v_scale, kvb.km, k_perm=True)
+    outp = torch.full_like(o_t, float("nan"))
+    lsep = torch.full_like(l_t, float("nan"))
+    G.attention_gluon(q8, qs, kvp, out=outp, return_lse=True, lse=lsep, config=config)
+    assert not outp.isnan().any() and not lsep.isnan().any()
+    assert ((outp.float() - out.float()).abs() <= out.float().abs() * 2.0 ** -7 + 1e-6).all()
+    assert (lsep - lse).abs().max().item() <= 1e-5 and cos(outp, out) >= 0.999999
 
 
 @pytest.mark.gpu
@@ -199,7 +208,11 @@ def test_gluon_two_contexts_one_launch_batches():
     q, k1, v1 = dit_like(2, 130, 100, 3, DEV, seed=13)
     _, k2, v2 = dit_like(2, 130, 300, 3, DEV, seed=14)
     q8, qs = A.quantize_q(q)
-    for config, conv in (("plain_s2", lambda kv: kv), ("plain_s2_kblock_3cta", G.requantize_kv_per_block)):
+    def perm(kv):
+        kvb = G.requantize_kv_per_block(kv)
+        return A.QuantKV(G.permute_key_rows(kvb.k8), kvb.k_scale, kvb.vt, kvb.v_scale, kvb.km, k_perm=True)
+    for config, conv in (("plain_s2", lambda kv: kv), ("plain_s2_kblock_3cta", G.requantize_kv_per_block),
+                         ("plain_s2_kblock_3cta", perm)):
         kvs = [conv(A.quantize_kv(k, v)) for k, v in ((k1, v1), (k2, v2))]
         o1, o2 = (G.attention_gluon(q8, qs, kv, config=config) for kv in kvs)
         fused = torch.full_like(o1, float("nan"))
@@ -223,6 +236,12 @@ def test_gluon_kblock_bad_scales():
         G.attention_gluon(q8, qs, kv, config="nope")
     with pytest.raises(ValueError, match="plain_s2_kblock"):             # per-block scales, untested schedule
         G.attention_gluon(q8, qs, G.requantize_kv_per_block(kv), config="ws_pp")
+    kvb = G.requantize_kv_per_block(kv)
+    kvp = A.QuantKV(G.permute_key_rows(kvb.k8), kvb.k_scale, kvb.vt, kvb.v_scale, kvb.km, k_perm=True)
+    with pytest.raises(ValueError, match="k_perm"):                      # permuted keys need per-block scales
+        G.attention_gluon(q8, qs, A.QuantKV(kvp.k8, kv.k_scale, kv.vt, kv.v_scale, kv.km, k_perm=True))
+    with pytest.raises(ValueError, match="k_perm"):                      # and the same order in both contexts
+        G.attention_gluon(q8, qs, kvp, kv2=kvb, config="plain_s2_kblock_3cta")
 
 
 @pytest.mark.gpu
@@ -254,11 +273,12 @@ def test_gluon_matches_triton_and_fp32(b, sq, sk, h, config):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("per_block", [False, True])
+@pytest.mark.parametrize("per_block", [False, True, "perm"])
 def test_gluon_real_shape_few_heads(per_block):
     """The real key length (16380 = 127 full 128-key blocks + a 124-key tail) and query count with 4 heads:
-    per-key scales (default config) against the Triton kernel, and per-block keys (plain_s2_kblock) against
-    the Triton kernel on the same keys with the block scales repeated per key."""
+    per-key scales (default config) against the Triton kernel, and per-block keys (plain_s2_kblock; "perm": the
+    keys in key_row_order16 through the production config) against the Triton kernel on the same keys with the
+    block scales repeated per key."""
     if not G.available():
         pytest.skip("needs an sm90 GPU")
     q, k, v = dit_like(1, 9360, 16380, 4, DEV, seed=8 if per_block else 7)
@@ -269,6 +289,10 @@ def test_gluon_real_shape_few_heads(per_block):
         kvg = G.requantize_kv_per_block(kv)
         kvt = A.QuantKV(kvg.k8, G.per_key_scales(kvg.k_scale, 16380), kv.vt, kv.v_scale, kv.km)
         extra = {"config": "plain_s2_kblock"}
+        if per_block == "perm":
+            kvg = A.QuantKV(*A.requantize_k_blocks(kv.k8, kv.k_scale, perm16=True), kv.vt, kv.v_scale, kv.km,
+                            k_perm=True)
+            extra = {"config": "plain_s2_kblock_3cta"}
     o_t, l_t = A.attention_quant_prepared(q8, qs, kvt, return_lse=True, autotune=False)
     out = torch.full_like(o_t, float("nan"))
     lse = torch.full_like(l_t, float("nan"))

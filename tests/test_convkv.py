@@ -119,3 +119,25 @@ def test_kv_memory_update_real_shape_gpu(fp8, fl):
     C.kv_memory_update(mine.k, mine.v, mine.k_scale, mine.v_scale, w, fl)
     for a, b in zip(mine.tensors(), kv.tensors()):
         assert close(a, b, max_frac=1e-3)
+
+
+@pytest.mark.parametrize("big_scale", [False, True])
+def test_fast_dequant_is_bit_identical(big_scale, device):
+    """The fp8 dequantization by bit moves + one bf16 multiply (_dequant_fast) against the fp32 path
+    (bf16(q) * bf16(s), rounded to bf16): torch.equal on values and scales, per launch config.  The cache
+    holds e4m3 subnormal codes and -0 (small randn values); big_scale puts one scale >= 255 into a tile of
+    every launch, where bf16(s) * 2^120 would overflow: that tile must take the fp32 path."""
+    fl = 10
+    kv = filled_cache(device, fl, True, seed=3)
+    kv.k[0, :, 0, :] = (torch.randn(14 * fl, D) * 0.01).to(kv.k.dtype)       # subnormal e4m3 codes, -0
+    if big_scale:
+        for r in (2 * fl + 1, 4 * fl, 7 * fl + 3):                           # launches 0, 1, 2
+            kv.k_scale[0, r, 1, 0] = 300.0
+    w = weight(device)
+    outs = []
+    for fast in (False, True):
+        mine = LayerKV(*[t.clone() for t in kv.tensors()])
+        C.kv_memory_update(mine.k, mine.v, mine.k_scale, mine.v_scale, w, fl, config=((4, 4, fast),) * 3)
+        outs.append([t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t for t in mine.tensors()])
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
