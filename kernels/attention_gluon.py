@@ -133,11 +133,16 @@ Keys in key_row_order16 (KPERM, session 5; QuantKV(k_perm=True), made by requant
 key block but the last, in-block key 16g + 4i + 2j + l is stored at row 16g + 8j + 2i + l.  S column c then holds
 the key this thread's P.V operand register wants at that place, so the e4m3 P goes from the accumulator layout
 to the wgmma A layout without the 16 SHFL + 16 SEL + 16 PRMT per block of the generic conversion (the masked
-last block keeps the natural order and the generic conversion).  SASS per 64x128 block per thread 586 -> 550
+last block keeps the natural order and the generic conversion).  With KPERM the row sums are also kept per lane
+(l_i [BM, 4]: each of a row's 4 lanes adds its own 32 P values; the lanes are added after the key loop), saving the
+per-block SHFL + FADD reduction.  SASS per 64x128 block per thread 586 -> 550 (conversion) -> 542 (lane sums)
 instructions (plain_s2_kblock_3cta).  Same result up to the fp32 order of the row sum l (the thread's 64 P values
 are added in column order, which now holds the keys in another order: ulp-level LSE differences, out within one bf16
-ulp; GPU tests).  Measured (H100, real shape, attention_gluon_bench, two runs): plain_s2_kblock_3cta natural keys
-810 / 824 TF/s, permuted 843 / 868 TF/s (+4-5 %); SDPA 569 / 589, Triton 629 / 639 in the same runs.
+ulp; GPU tests).  Measured (H100, real shape; bench/results/h100-2026-11-25-s5/): attention_gluon_bench, before the
+lane sums, two runs: plain_s2_kblock_3cta natural keys 810 / 824 TF/s, permuted 843 / 868 TF/s (+4-5 %); SDPA
+569 / 589, Triton 629 / 639 in the same runs.  `liveact bench kernels --only attention` with the lane sums: natural
+796, permuted (the default) 834 TF/s = 1.42x SDPA (587) in the same run.
+Unrolling the key loop by two (ring slots static): 576 instructions per block and spills in the loop -- dropped.
 Also tried (session 5, dropped): K and V tiles of a stage on ONE mbarrier (one expect of both byte counts, one wait
 per block instead of two): 536 instead of 550 instructions per block, but the membar analysis still puts a CTA
 barrier between the two TMA issues (4 bar.sync per block either way); 860 vs 868 TF/s in the same run.
