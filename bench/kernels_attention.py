@@ -167,16 +167,18 @@ def run(device="cuda", quick=False) -> list[dict]:
         ms = _bench(lambda: G.attention_gluon(q8, qs, kv), quick)
         rows.append(_row("self_attn", shape, f"ours-gluon {G.DEFAULT_CONFIG}", ms, flops, ratio=ms_sdpa / ms, cos=c2,
                          rel_l1=r2))
-        # keys requantized to one scale per 128-key block, 3 CTAs per SM: natural key order (session 4), and as
-        # the engine runs it on sm90, rows in key_row_order16 (requantize_k_blocks(perm16=True), shuffle-free P)
+        # keys requantized to one scale per 128-key block, 3 CTAs per SM: natural key order + fp32 row sums
+        # (session 4), rows in key_row_order16 (requantize_k_blocks(perm16=True), shuffle-free P), and as the
+        # engine runs it on sm90: that + the row sums on the tensor cores (KBLOCK_CONFIG)
         from ..kernels.attention_ops import KBLOCK_CONFIG
-        for label, perm in (("natural key order", False), ("default", True)):
+        for label, perm, cfg in (("natural key order", False, "plain_s2_kblock_3cta"),
+                                 ("key_row_order16", True, "plain_s2_kblock_3cta"), ("default", True, KBLOCK_CONFIG)):
             kvb = A.QuantKV(*A.requantize_k_blocks(kv.k8, kv.k_scale, perm16=perm), kv.vt, kv.v_scale, kv.km,
                             k_perm=perm)
-            o = G.attention_gluon(q8, qs, kvb, config=KBLOCK_CONFIG)
+            o = G.attention_gluon(q8, qs, kvb, config=cfg)
             c2, r2 = _metrics(o[:, :, :2], ref)
-            ms = _bench(lambda: G.attention_gluon(q8, qs, kvb, config=KBLOCK_CONFIG), quick)
-            rows.append(_row("self_attn", shape, f"ours-gluon {KBLOCK_CONFIG} ({label})", ms, flops,
+            ms = _bench(lambda: G.attention_gluon(q8, qs, kvb, config=cfg), quick)
+            rows.append(_row("self_attn", shape, f"ours-gluon {cfg} ({label})", ms, flops,
                              ratio=ms_sdpa / ms, cos=c2, rel_l1=r2))
             del kvb
     o = A.attention_quant_prepared(q8, qs, kv, lazy=True)

@@ -146,10 +146,19 @@ Unrolling the key loop by two (ring slots static): 576 instructions per block an
 Also tried (session 5, dropped): K and V tiles of a stage on ONE mbarrier (one expect of both byte counts, one wait
 per block instead of two): 536 instead of 550 instructions per block, but the membar analysis still puts a CTA
 barrier between the two TMA issues (4 bar.sync per block either way); 860 vs 868 TF/s in the same run.
-Tried and dropped (session 5): the row sums l on the tensor cores as P8 @ ones (an m64n8k32 wgmma against an
-[8, 128] e4m3 ones tile in shared memory, 492 instructions per block with KPERM) -- wrong results on the H100:
-with A = ones as well the sum came out 64, not 128 (half the products missing; N = 16 and 64-byte swizzle
-gave the same numbers); not root-caused, code removed.
+Row sums on the tensor cores (LMMA, config plain_s2_kblock_3cta_lmma, the engine's default since session 5): per
+block one m64n8k32 wgmma P8 @ ones next to P.V (same A registers; B = an [8, 128] e4m3 ones tile TMA-loaded once
+per CTA), l kept as the [64, 8] accumulator (l = l * alpha + P8 @ ones; the 8 equal columns reduced after the
+loop): the 64 FADD + the quad reduction per block go away (SASS 542 -> 491 instructions per block with KPERM).
+l is then the sum of the e4m3-rounded P that P.V multiplies (FA3 / SageAttention sum the fp32 P): out is
+normalized by the weights it used; LSE differs from the fp32-sum kernels by up to ~1e-2 (small shapes), cos vs
+fp32 unchanged (0.999238 on 2 heads at the real shape).  Measured (H100, same runs): attention_gluon_bench 857 vs
+835 TF/s (+2.6 %); `liveact bench kernels --only attention` 810 vs 772 TF/s (+4.9 %; 1.49x SDPA at 542 TF/s on that
+machine, natural key order + fp32 sums 766).
+Found on the way: the same ones tile written with st.shared (+ fence.proxy.async) gave wrong sums on the H100 (with
+A = ones too: 64 instead of 128; N = 16 and a 64-byte swizzle gave the very same numbers); the TMA-loaded tile at
+the same address (it shares its bytes with never-used mbarriers either way: Gluon reuses dead allocations) gives
+the right sums.  Cause not found (the generic-proxy store is followed by fence.proxy.async and a CTA barrier).
 """
 from __future__ import annotations
 
@@ -201,6 +210,9 @@ CONFIGS = {
     # same with maxnreg 168 (no spills: KBLOCK needs 199 registers, not 249): 3 CTAs (3 warpgroups) per SM
     "plain_s2_kblock_3cta": dict(WS=False, NUM_CONSUMERS=1, PINGPONG=False, FOLD=True, STAGES=2, maxnreg=168,
                                  KBLOCK=True),
+    # same with the row sums l on the tensor cores (LMMA: P8 @ ones, an m64n8k32 wgmma per block)
+    "plain_s2_kblock_3cta_lmma": dict(WS=False, NUM_CONSUMERS=1, PINGPONG=False, FOLD=True, STAGES=2, maxnreg=168,
+                                      KBLOCK=True, LMMA=True),
 }
 BLOCK_N = 128
 NUM_WARPS = 4
@@ -274,7 +286,7 @@ if _GLUON_OK:
     @gluon.jit
     def _softmax(s, qs, ks, c, Sk, n0, m_i, l_i, BN: gl.constexpr, S_L: gl.constexpr, P_L: gl.constexpr,
                  MASKED: gl.constexpr, FOLD: gl.constexpr, EXP: gl.constexpr, KBLOCK: gl.constexpr,
-                 VPERM: gl.constexpr = False, LQ: gl.constexpr = False):
+                 VPERM: gl.constexpr = False, LQ: gl.constexpr = False, LMMA: gl.constexpr = False):
         """int32 scores of key block n0 -> (e4m3 P in the wgmma A-operand layout, alpha, m_new, l_new)."""
         sb = (s + 0x4B400000).to(gl.float32, bitcast=True)       # = 1.5*2^23 + s exactly (|s| < 2^22)
         if KBLOCK and not MASKED:
@@ -314,7 +326,9 @@ if _GLUON_OK:
             p = gl.inline_asm_elementwise(_H2, "=r,r,r", [x], dtype=gl.float16, is_pure=True, pack=2)
         else:
             p = _exp2_mix(x, EXP)
-        if LQ:   # l_i [BM, 4]: this lane's partial row sums (the 4 lanes of a row are added after the loop)
+        if LMMA:
+            l_new = l_i
+        elif LQ:   # l_i [BM, 4]: this lane's partial row sums (the 4 lanes of a row are added after the loop)
             BMq: gl.constexpr = p.shape[0]
             ps = gl.sum(gl.sum(gl.reshape(p.to(gl.float32), [BMq, BN // 8, 4, 2]), 3), 1)
             l_new = l_i * gl.convert_layout(alpha, gl.SliceLayout(1, ps.type.layout))[:, None] + ps
@@ -365,7 +379,8 @@ if _GLUON_OK:
     def _step(j, q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, k_desc, v_desc, s, part, acc,
               m_i, l_i, qs, KS, b, h, bh, Sk, BN: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
               S_L: gl.constexpr, P_L: gl.constexpr, MASKED: gl.constexpr, SELF_LOAD: gl.constexpr,
-              FOLD: gl.constexpr, EXP: gl.constexpr, KBLOCK: gl.constexpr, jb=0, KPERM: gl.constexpr = False):
+              FOLD: gl.constexpr, EXP: gl.constexpr, KBLOCK: gl.constexpr, jb=0, KPERM: gl.constexpr = False,
+              ones=None, LMMA: gl.constexpr = False):
         """Key block j without intra-warpgroup overlap: S = QK^T, softmax, PV, acc update (ring slot and phase
         from jb + j, see _load_kv)."""
         st = (jb + j) % STAGES
@@ -377,10 +392,18 @@ if _GLUON_OK:
         if not SELF_LOAD:
             mbarrier.arrive(k_empty.index(st), count=1)
         p8, alpha, m_i, l_i = _softmax(s, qs, ks, c, Sk, j * BN, m_i, l_i, BN, S_L, P_L, MASKED, FOLD, EXP, KBLOCK,
-                                       KPERM and not MASKED, KPERM)
+                                       KPERM and not MASKED, KPERM, LMMA)
         mbarrier.wait(v_ready.index(st), ph)
         part = warpgroup_mma(p8, v_bufs.index(st).permute((1, 0)), part, use_acc=False, is_async=True)
-        part = warpgroup_mma_wait(0, deps=(part, ))
+        if LMMA:
+            L_L: gl.constexpr = l_i.type.layout
+            lp = warpgroup_mma(gl.convert_layout(p8, gl.DotOperandLayout(operand_index=0, parent=L_L, k_width=4)),
+                               ones.permute((1, 0)), gl.zeros(l_i.shape, gl.float32, L_L), use_acc=False,
+                               is_async=True)
+            part, lp = warpgroup_mma_wait(0, deps=(part, lp))
+            l_i = l_i * gl.convert_layout(alpha, gl.SliceLayout(1, L_L))[:, None] + lp
+        else:
+            part = warpgroup_mma_wait(0, deps=(part, ))
         if SELF_LOAD:
             if j + STAGES < gl.cdiv(Sk, BN):
                 _load_kv(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, j + STAGES, b, h, bh, Sk, BN, D, STAGES,
@@ -428,7 +451,7 @@ if _GLUON_OK:
                    b, h, bh, Sk, jb, BM_WG: gl.constexpr, BN: gl.constexpr, D: gl.constexpr,
                    STAGES: gl.constexpr, S_L: gl.constexpr, O_L: gl.constexpr, P_L: gl.constexpr,
                    SELF_LOAD: gl.constexpr, FOLD: gl.constexpr, EXP: gl.constexpr, KBLOCK: gl.constexpr,
-                   KPERM: gl.constexpr = False):
+                   KPERM: gl.constexpr = False, ones=None, LMMA: gl.constexpr = False):
         """The key loop over one context (schedules without ping-pong) -> (acc, m_i, l_i).  jb = key blocks
         this CTA went through before (earlier contexts): the K/V ring keeps counting its slots and phases."""
         n_blk = gl.cdiv(Sk, BN)
@@ -437,7 +460,10 @@ if _GLUON_OK:
                 if j < n_blk:
                     _load_kv(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, j, b, h, bh, Sk, BN, D, STAGES, jb)
         m_i = gl.full([BM_WG], float("-inf"), gl.float32, gl.SliceLayout(1, S_L))
-        if KPERM:   # lane-partial row sums (see _softmax LQ)
+        if LMMA:
+            L_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 8, 32])
+            l_i = gl.zeros([BM_WG, 8], gl.float32, L_L)
+        elif KPERM:   # lane-partial row sums (see _softmax LQ)
             l_i = gl.sum(gl.sum(gl.reshape(gl.zeros([BM_WG, BN], gl.float32, S_L), [BM_WG, BN // 8, 4, 2]), 3), 1)
         else:
             l_i = gl.zeros([BM_WG], gl.float32, gl.SliceLayout(1, S_L))
@@ -450,12 +476,14 @@ if _GLUON_OK:
             s, part, acc, m_i, l_i = _step(j, q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty,
                                            k_desc, v_desc, s, part, acc, m_i, l_i, qs, KS, b, h, bh, Sk,
                                            BN, D, STAGES, S_L, P_L, False, SELF_LOAD, FOLD, EXP, KBLOCK, jb,
-                                           KPERM)
+                                           KPERM, ones, LMMA)
         s, part, acc, m_i, l_i = _step(n_blk - 1, q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty,
                                        k_desc, v_desc, s, part, acc, m_i, l_i, qs, KS, b, h, bh, Sk,
                                        BN, D, STAGES, S_L, P_L, True, SELF_LOAD, FOLD, EXP, KBLOCK, jb,
-                                       KPERM)
-        if KPERM:
+                                       KPERM, ones, LMMA)
+        if LMMA:
+            l_i = gl.convert_layout(gl.max(l_i, axis=1), gl.SliceLayout(1, S_L))
+        elif KPERM:
             l_i = gl.convert_layout(gl.sum(l_i, 1), gl.SliceLayout(1, S_L))
         return acc, m_i, l_i
 
@@ -481,7 +509,7 @@ if _GLUON_OK:
                   STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr, SELF_LOAD: gl.constexpr,
                   FOLD: gl.constexpr, PINGPONG: gl.constexpr, turn, EXP: gl.constexpr, KBLOCK: gl.constexpr,
                   ACCUM: gl.constexpr, k2_desc, v2_desc, KS2, VS2, Sk2, TWO: gl.constexpr,
-                  KPERM: gl.constexpr = False):
+                  KPERM: gl.constexpr = False, ones=None, LMMA: gl.constexpr = False):
         S_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                       instr_shape=[16, BN, 32])
         O_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -524,12 +552,12 @@ if _GLUON_OK:
         else:
             acc, m_i, l_i = _keys_pass(q_smem, qb, k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, k_empty,
                                        v_empty, qs, KS, b, h, bh, Sk, 0, BM_WG, BN, D, STAGES, S_L, O_L, P_L,
-                                       SELF_LOAD, FOLD, EXP, KBLOCK, KPERM)
+                                       SELF_LOAD, FOLD, EXP, KBLOCK, KPERM, ones, LMMA)
         _store_out(acc, l_i, VS, O, b, h, bh, H, Sq, row0, BM_WG, D, O_L, ACCUM)
         if TWO:   # a second context (cross-attention: text, then image) on the same Q tile, added into out
             acc, m_i, l_i = _keys_pass(q_smem, qb, k2_desc, v2_desc, k_bufs, v_bufs, k_ready, v_ready, k_empty,
                                        v_empty, qs, KS2, b, h, bh, Sk2, n_blk, BM_WG, BN, D, STAGES, S_L, O_L, P_L,
-                                       SELF_LOAD, FOLD, EXP, KBLOCK, KPERM)
+                                       SELF_LOAD, FOLD, EXP, KBLOCK, KPERM, ones, LMMA)
             _store_out(acc, l_i, VS2, O, b, h, bh, H, Sq, row0, BM_WG, D, O_L, True)
         if HAS_LSE:
             BL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
@@ -544,7 +572,8 @@ if _GLUON_OK:
                         HAS_LSE: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
                         NUM_CONSUMERS: gl.constexpr, WS: gl.constexpr, FOLD: gl.constexpr, PINGPONG: gl.constexpr,
                         EXP: gl.constexpr = 0, KBLOCK: gl.constexpr = False, ACCUM: gl.constexpr = False,
-                        TWO: gl.constexpr = False, KPERM: gl.constexpr = False):
+                        TWO: gl.constexpr = False, KPERM: gl.constexpr = False, ones_desc=None,
+                        LMMA: gl.constexpr = False):
         BM_WG: gl.constexpr = q_desc.block_type.shape[0]
         D: gl.constexpr = q_desc.block_type.shape[1]
         pid_m = gl.program_id(0)
@@ -592,10 +621,18 @@ if _GLUON_OK:
             ], [4, 1], [240, 24])
         else:
             gl.static_assert(not (TWO and HAS_LSE), "two contexts return no LSE")
+            ones = None
+            if LMMA:   # [8, BN] e4m3 ones (B operand of the row-sum wgmma P8 @ ones), loaded by TMA
+                ones = gl.allocate_shared_memory(ones_desc.dtype, ones_desc.block_type.shape, ones_desc.layout)
+                ob = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+                mbarrier.init(ob, count=1)
+                mbarrier.expect(ob, ones_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(ones_desc, [0, 0], ob, ones)
+                mbarrier.wait(ob, 0)
             _consumer(0, q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty, v_empty,
                       QS, KS, VS, KM, O, LSE, b, h, bh, H, Sq, Sk, pid_m,
                       HAS_LSE, BM_WG, BN, D, STAGES, 1, True, FOLD, False, turn, EXP, KBLOCK, ACCUM,
-                      k2_desc, v2_desc, KS2, VS2, Sk2, TWO, KPERM)
+                      k2_desc, v2_desc, KS2, VS2, Sk2, TWO, KPERM, ones, LMMA)
 
 
 # ----------------------------------------------------------------------------------- host API
@@ -603,6 +640,23 @@ def _layouts(bn: int):
     return (gl.NVMMASharedLayout.get_default_for([64, HEAD_DIM], gl.int8),
             gl.NVMMASharedLayout.get_default_for([bn, HEAD_DIM], gl.int8),
             gl.NVMMASharedLayout.get_default_for([HEAD_DIM, bn], gl.float8e4nv))
+
+
+_ONES = {}
+
+
+def _ones_desc(device):
+    """TMA descriptor of a [8, BLOCK_N] e4m3 ones tile (the LMMA row-sum operand), one per device, made on the first
+    eager call (a tensor made inside a CUDA-graph capture would live in the graph's pool, filled only on replay)."""
+    key = str(device)
+    if key not in _ONES:
+        if torch.cuda.is_current_stream_capturing():
+            raise ValueError("attention_gluon: run one eager call of an LMMA config before capturing a CUDA graph "
+                             "(it makes the constant ones tile of the row sums)")
+        t = torch.ones(8, BLOCK_N, device=device).to(torch.float8_e4m3fn)
+        lay = gl.NVMMASharedLayout.get_default_for([8, BLOCK_N], gl.float8e4nv)
+        _ONES[key] = (t, TensorDescriptor(t, [8, BLOCK_N], [BLOCK_N, 1], [8, BLOCK_N], lay))
+    return _ONES[key][1]
 
 
 def make_descriptors(q8, k8, vt, sk: int, bn: int):
@@ -722,7 +776,9 @@ def attention_gluon(q8, q_scale, kv, out: torch.Tensor | None = None, return_lse
                           km if return_lse else kv.v_scale, out, lse if return_lse else q_scale, h, sq, sk, *kv2_args,
                           HAS_LSE=return_lse, BN=bn, STAGES=cfg["STAGES"], NUM_CONSUMERS=cfg["NUM_CONSUMERS"],
                           WS=cfg["WS"], FOLD=cfg["FOLD"], PINGPONG=cfg["PINGPONG"], EXP=cfg.get("EXP", 0),
-                          KBLOCK=kblock, ACCUM=accumulate, TWO=kv2 is not None, KPERM=kperm, num_warps=NUM_WARPS,
+                          KBLOCK=kblock, ACCUM=accumulate, TWO=kv2 is not None, KPERM=kperm,
+                          ones_desc=_ones_desc(q8.device) if cfg.get("LMMA") else None, LMMA=cfg.get("LMMA", False),
+                          num_warps=NUM_WARPS,
                           **extra)
     return (out, lse) if return_lse else out
 

@@ -28,6 +28,7 @@ other dtypes / head sizes fall back to the reference methods.
 """
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from typing import Optional
 
@@ -41,7 +42,9 @@ from . import qk_prep as P
 
 
 ATTENTION_KERNELS = ("auto", "triton", "gluon", "gluon-kblock")
-KBLOCK_CONFIG = "plain_s2_kblock_3cta"   # the Gluon config "gluon-kblock" runs (self- and cross-attention)
+# the Gluon config "gluon-kblock" runs (self- and cross-attention); LIVEACT_GLUON_KBLOCK_CONFIG overrides it for
+# A/B benchmarks (any KBLOCK config of kernels/attention_gluon.py CONFIGS)
+KBLOCK_CONFIG = os.environ.get("LIVEACT_GLUON_KBLOCK_CONFIG", "plain_s2_kblock_3cta_lmma")
 
 
 class TritonAttentionOps(ReferenceOps):

@@ -154,7 +154,11 @@ def test_gluon_kblock_matches_triton_and_fp32(b, sq, sk, h, config):
     assert res[0] is out and res[1] is lse
     assert not out.isnan().any() and not lse.isnan().any()
     assert cos(out, o_t) >= 0.9999
-    assert (lse - l_t).abs().max().item() < 1e-3
+    # LMMA: l = the sum of the e4m3 P (the Triton kernel sums the fp32 P): LSE within ~1e-2 of it
+    lmma = G.CONFIGS[config].get("LMMA", False)
+    assert (lse - l_t).abs().max().item() < (3e-2 if lmma else 1e-3)
+    if lmma:   # (one-block inputs: measured mean 2.6e-3 at Sk = 100-128)
+        assert (lse - l_t).abs().mean().item() < 5e-3
     r, rl = ref32(q, k, v)
     assert cos(out, r) >= 0.999
     err = (lse - rl).abs()
@@ -165,7 +169,7 @@ def test_gluon_kblock_matches_triton_and_fp32(b, sq, sk, h, config):
     if config == "plain_s2_kblock":
         assert torch.equal(o2, out)
     else:
-        assert cos(o2, out) >= 0.99999
+        assert cos(o2, out) >= (0.9999 if lmma else 0.99999)
     kvp = A.QuantKV(G.permute_key_rows(kvb.k8), kvb.k_scale, kvb.vt, kvb.v_scale, kvb.km, k_perm=True)
     outp = torch.full_like(o_t, float("nan"))
     lsep = torch.full_like(l_t, float("nan"))
@@ -173,6 +177,10 @@ def test_gluon_kblock_matches_triton_and_fp32(b, sq, sk, h, config):
     assert not outp.isnan().any() and not lsep.isnan().any()
     assert ((outp.float() - out.float()).abs() <= out.float().abs() * 2.0 ** -7 + 1e-6).all()
     assert (lsep - lse).abs().max().item() <= 1e-5 and cos(outp, out) >= 0.999999
+    # the row sums on the tensor cores (LMMA) against the fp32 row sums of the same kernel without them
+    if lmma:
+        o3, l3 = G.attention_gluon(q8, qs, kvp, return_lse=True, config="plain_s2_kblock_3cta")
+        assert cos(out, o3) >= 0.9999 and (lse - l3).abs().max().item() < 3e-2
 
 
 @pytest.mark.gpu
@@ -212,7 +220,7 @@ def test_gluon_two_contexts_one_launch_batches():
         kvb = G.requantize_kv_per_block(kv)
         return A.QuantKV(G.permute_key_rows(kvb.k8), kvb.k_scale, kvb.vt, kvb.v_scale, kvb.km, k_perm=True)
     for config, conv in (("plain_s2", lambda kv: kv), ("plain_s2_kblock_3cta", G.requantize_kv_per_block),
-                         ("plain_s2_kblock_3cta", perm)):
+                         ("plain_s2_kblock_3cta", perm), ("plain_s2_kblock_3cta_lmma", perm)):
         kvs = [conv(A.quantize_kv(k, v)) for k, v in ((k1, v1), (k2, v2))]
         o1, o2 = (G.attention_gluon(q8, qs, kv, config=config) for kv in kvs)
         fused = torch.full_like(o1, float("nan"))
@@ -292,14 +300,14 @@ def test_gluon_real_shape_few_heads(per_block):
         if per_block == "perm":
             kvg = A.QuantKV(*A.requantize_k_blocks(kv.k8, kv.k_scale, perm16=True), kv.vt, kv.v_scale, kv.km,
                             k_perm=True)
-            extra = {"config": "plain_s2_kblock_3cta"}
+            extra = {"config": "plain_s2_kblock_3cta_lmma"}
     o_t, l_t = A.attention_quant_prepared(q8, qs, kvt, return_lse=True, autotune=False)
     out = torch.full_like(o_t, float("nan"))
     lse = torch.full_like(l_t, float("nan"))
     G.attention_gluon(q8, qs, kvg, out=out, return_lse=True, lse=lse, **extra)
     assert not out.isnan().any() and not lse.isnan().any()
     assert cos(out, o_t) >= 0.9999
-    assert (lse - l_t).abs().max().item() < 1e-3
+    assert (lse - l_t).abs().max().item() < (3e-2 if per_block == "perm" else 1e-3)   # perm: LMMA (e4m3 P sums)
     r, rl = ref32(q[:, :, :2], k[:, :, :2], v[:, :, :2])
     assert cos(out[:, :, :2], r) >= 0.999
     if not per_block:
