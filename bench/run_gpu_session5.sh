@@ -6,6 +6,7 @@
 #   bash bench/run_gpu_session5.sh final4 # final code: Gluon attention GPU tests, FPS default / fast / fast + VAE / VAE
 #   bash bench/run_gpu_session5.sh abfps  # FPS A/B, interleaved: row sums on the tensor cores vs fp32 row sums
 #   bash bench/run_gpu_session5.sh final5 # final code: FPS fast-accum / fast + VAE / precise + VAE
+#   bash bench/run_gpu_session5.sh table  # (carry .whl) the attention + producer table with sageattention 1.0.6
 #   bash bench/run_gpu_session5.sh attn   # Gluon attention: keys in key_row_order16 (shuffle-free P)
 #                                         #   (KPERM): GPU tests, then A/B against
 #                                         # plain_s2_kblock_3cta with natural / permuted keys, SDPA, Triton
@@ -81,4 +82,15 @@ if [ "$1" = final5 ]; then
   $B --chunks 7 --warmup 3 --fast-accum --json "$OUT/fps_s5_end_fast.json" 2>&1 | grep -E "$S" | tee -a "$LOG"
   $B --chunks 6 --warmup 3 --fast-accum --vae --json "$OUT/fps_s5_end_fast_vae.json" 2>&1 | grep -E "$S" | tee -a "$LOG"
   $B --chunks 6 --warmup 3 --vae --json "$OUT/fps_s5_end_vae.json" 2>&1 | grep -E "$S" | tee -a "$LOG"
+fi
+if [ "$1" = table ]; then
+  # bash bench/run_gpu_session5.sh table   (carry .whl)   the side-by-side attention table with sageattention
+  if ls .whl/sageattention-*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/sage .whl/sageattention-*.whl \
+      && export PYTHONPATH=$PYTHONPATH:/tmp/sage
+  fi
+  L "liveact bench kernels --only attention (sageattention carried)"
+  timeout 240 $C bench kernels --only attention --json "$OUT/attention_bench5_table.json" > "$OUT/attention_bench5_table.txt" 2>&1
+  echo "rc $?" | tee -a "$LOG"; grep -E "self_attn|cross_attn|qk_prep|rope_keys|quantize_v|convkv|requant" \
+    "$OUT/attention_bench5_table.txt" | cut -c1-160 | tee -a "$LOG"
 fi
