@@ -71,7 +71,6 @@ def worker(name: str, quick: bool) -> dict:
 
     res = {"name": name}
     perm = name.endswith("+perm")
-    res["name"] = name
     name = name.split("+")[0]
 
     def per_block(kv):

@@ -166,7 +166,7 @@ import math
 
 import torch
 
-from .attention import QuantKV
+from .attention import QuantKV, key_row_order16
 
 try:  # gluon ships with triton >= 3.5; keep import errors out of available()
     import triton
@@ -741,7 +741,7 @@ def attention_gluon(q8, q_scale, kv, out: torch.Tensor | None = None, return_lse
     _check(q8, q_scale, kv)
     cfg = CONFIGS[config]
     kblock = _kblock(kv, config)
-    kperm = bool(getattr(kv, "k_perm", False))
+    kperm = kv.k_perm
     if kperm and (not kblock or cfg["WS"]):
         raise ValueError(f"attention_gluon: keys in key_row_order16 (k_perm=True) need per-block K scales and a "
                          f"self-loading config (plain*), got config {config!r} with k_scale "
@@ -749,7 +749,7 @@ def attention_gluon(q8, q_scale, kv, out: torch.Tensor | None = None, return_lse
     if kv2 is not None:
         _check(q8, q_scale, kv2)
         if (return_lse or cfg["WS"] or _kblock(kv2, config) != kblock
-                or bool(getattr(kv2, "k_perm", False)) != kperm):
+                or kv2.k_perm != kperm):
             raise ValueError("attention_gluon: kv2 (a second context in the same launch) needs return_lse=False, a "
                              "self-loading config (plain*) and the same K-scale form (per key / per block) and key "
                              "order (k_perm) as kv")
@@ -835,7 +835,6 @@ def quantize_k_per_block(k: torch.Tensor, km: torch.Tensor | None = None, block:
 def permute_key_rows(k8: torch.Tensor, block: int = BLOCK_N) -> torch.Tensor:
     """Keys [B, Sk, ...] in natural order -> the same rows in key_row_order16 (what requantize_k_blocks(perm16=True)
     writes; pass the result as QuantKV(..., k_perm=True)).  A copy."""
-    from .attention import key_row_order16
     return k8[:, key_row_order16(k8.shape[1], block).to(k8.device)].contiguous()
 
 
